@@ -1,0 +1,3 @@
+"""gqlm: pretraining language models with JAX on any device mesh."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""gqlm: pretraining language models with JAX on any device mesh."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gqlm",
+    version="0.1.0",
+    description="JAX/Flax LM pretraining: GQ-VAE tokenizer, SOAP, MoE, sharded runner.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gqlm", "gqlm.*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "ml-collections==1.1.0",
+        "tensorflow-datasets==4.9.10",
+        "tokenizers==0.23.3",
+        "absl-py",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+        "regex",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        "parity": ["torch==2.13.0"],
+        "bench": ["matplotlib"],
+    },
+)

@@ -1,0 +1,119 @@
+"""Config schema: validation table, override parsing, experiment loading, mesh sizes."""
+
+import json
+import os
+
+import pytest
+
+from gqlm import config as config_lib
+from gqlm.config import ConfigError
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+def make(**overrides):
+    config = config_lib.base_config()
+    config.lock()
+    return config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+BAD_CONFIGS = [
+    ({"model.num_heads": 6, "model.embed_dim": 512}, "model.num_heads=6 does not divide model.embed_dim=512"),
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads=3"),
+    ({"model.position": "xpos"}, "model.position"),
+    ({"model.compute_dtype": "float16"}, "model.compute_dtype"),
+    ({"data.seq_len": 2048}, "data.seq_len=2048 exceeds model.max_seq_len=1024"),
+    ({"data.batch_size": 12}, "data.batch_size=12 is not divisible"),
+    ({"data.batch_size": 16, "train.grad_accum": 4}, "train.grad_accum=4"),
+    ({"data.corpus": "wikipedia"}, "data.corpus"),
+    ({"data.corpus": "text_files"}, "data.glob"),
+    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate"),
+    ({"optimizer.learning_rate": -1e-3}, "optimizer.learning_rate"),
+    ({"optimizer.b1": 1.0}, "optimizer.b1"),
+    ({"optimizer.b2": -0.1}, "optimizer.b2"),
+    ({"optimizer.precondition_frequency": 0}, "optimizer.precondition_frequency"),
+    ({"train.nonfinite": "ignore"}, "train.nonfinite"),
+    ({"train.steps": 0}, "train.steps"),
+    ({"mesh.data": 3}, "mesh sizes"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "only one mesh axis may be -1"),
+    ({"mesh.data": -1, "mesh.fsdp": 3}, "mesh.data"),
+    ({"mesh.tensor": 0}, "mesh.tensor=0"),
+    ({"model.moe.num_experts": 6, "mesh.data": 2, "mesh.expert": 4}, "model.moe.num_experts=6 is not divisible by mesh.expert=4"),
+    ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k=5"),
+    ({"model.moe.num_experts": 4, "model.moe.capacity_factor": 0.0}, "model.moe.capacity_factor"),
+    ({"model.moe.num_experts": 4, "model.moe.layers": (7,)}, "model.moe.layers contains 7"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
+def test_validation_names_the_key(overrides, message):
+    config = make(**overrides)
+    with pytest.raises(ConfigError) as info:
+        config_lib.validate(config, num_devices=8)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_default_config_is_valid():
+    config_lib.validate(make(), num_devices=8)
+
+
+@pytest.mark.parametrize("key,text,error", [
+    ("model.nope", "1", "unknown config key 'model.nope'"),
+    ("nosection.x", "1", "unknown config key 'nosection'"),
+    ("model.num_layers", "four", "model.num_layers' expects int"),
+    ("model.num_layers", "2.5", "model.num_layers' expects int"),
+    ("model.tie_embeddings", "maybe", "expects a bool"),
+    ("model", "3", "is a section"),
+])
+def test_bad_overrides(key, text, error):
+    with pytest.raises(ConfigError, match=error):
+        config_lib.apply_override(make(), key, text)
+
+
+def test_overrides_parse_types():
+    config = make(**{"model.num_layers": 3, "optimizer.learning_rate": 1, "data.tokenizer": "bpe:/tmp/x",
+                     "model.tie_embeddings": "false", "model.moe.layers": "[1, 3]"})
+    assert config.model.num_layers == 3
+    assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
+    assert config.data.tokenizer == "bpe:/tmp/x"
+    assert config.model.tie_embeddings is False
+    assert config.model.moe.layers == (1, 3)
+
+
+def test_mesh_fill_axis():
+    assert config_lib.resolve_mesh_shape(make(**{"mesh.fsdp": 4}).mesh, 8) == {
+        "data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+
+
+def test_moe_layer_indices():
+    assert config_lib.moe_layer_indices(make(**{"model.moe.num_experts": 4, "model.moe.every": 2}).model) == (1, 3)
+    assert config_lib.moe_layer_indices(make(**{"model.moe.num_experts": 4, "model.moe.layers": "(0,)"}).model) == (0,)
+    assert config_lib.moe_layer_indices(make().model) == ()
+
+
+def test_load_experiment_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_lib.load_experiment(str(tmp_path / "missing.py"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    with pytest.raises(ConfigError, match="failed to load"):
+        config_lib.load_experiment(str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="no get_config"):
+        config_lib.load_experiment(str(empty))
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.py", "tiny_cpu.py:smoke", "dense_125m.py", "dense_1b.py", "dense.py:350m"])
+def test_experiments_load_and_validate(name):
+    config = config_lib.load_experiment(os.path.join(EXPERIMENTS, name))
+    devices = 8 if "tiny" in name else 256
+    config_lib.validate(config, num_devices=devices)
+
+
+def test_config_json_round_trip():
+    config = make(**{"model.moe.layers": "(1, 2)", "model.num_layers": 4})
+    rebuilt = config_lib.config_from_dict(json.loads(config.to_json()))
+    assert rebuilt.to_dict() == config.to_dict()
+    assert rebuilt.mesh.rules == config_lib.DEFAULT_RULES
