@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from gqlm import distributed
 from gqlm.config import ConfigDict, ConfigError, apply_overrides, load_experiment
 
 FLAGS = flags.FLAGS
@@ -48,7 +49,10 @@ def config_from_flags(flag_value: str) -> ConfigDict:
 def run(main: Callable[[list[str]], None]) -> None:
     """absl.app.run with gqlm's flag parsing; user errors exit 2 with one line on stderr."""
     def guarded(argv):
+        if not FLAGS["verbosity"].present:  # Library INFO/WARNING logs (orbax, tfds) drown the progress bar.
+            logging.set_verbosity(logging.ERROR)
         try:
+            distributed.maybe_initialize()  # Before any other jax call; no-op for one process.
             main(argv)
         except ConfigError as e:
             fail(str(e))

@@ -104,6 +104,7 @@ def base_config() -> ConfigDict:
     o.merge_dims = False
     o.precondition_1d = False
     o.normalize_grads = False
+    o.adalayer_head_pattern = r"(^|/)unembed/"  # adalayer: output-head params (one v per output row)
     # Parameter groups: tuple of dicts {name, pattern (regex on the '/'-joined param path),
     # optimizer (name), lr_multiplier}; parameters matching no group use the main optimizer.
     o.groups = ()

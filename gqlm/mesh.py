@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqlm.config import MESH_AXES, ConfigDict, resolve_mesh_shape
+from gqlm.distributed import multislice_device_grid
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -24,8 +25,11 @@ def make_mesh(mesh_config: ConfigDict, devices: Sequence[jax.Device] | None = No
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+    grid = multislice_device_grid(shape, devices)  # Several TPU slices: `data` spans them over DCN.
+    if grid is not None:
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Rules, mesh: Mesh) -> P:

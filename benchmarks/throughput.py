@@ -1,0 +1,130 @@
+"""Training throughput and MFU against a matmul peak measured in the same run.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/throughput.py [--steps 8]
+
+For each model (the tiny_cpu demo, a 4-layer d_model=512 seq=512 model) and mesh ((8,1,1),
+(2,4,1)): step time, tokens/s, model FLOPs/token (6N + attention + head) and MFU = achieved
+FLOP/s / peak FLOP/s, where the peak is a jitted large fp32 matmul sharded over the same devices.
+Also the time from launch to first step: cold (empty compile cache) and warm (cache filled).
+Prints a table and writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from gqlm import config as config_lib  # noqa: E402
+from gqlm import mesh as mesh_lib  # noqa: E402
+from gqlm.data.pipeline import make_train_iterator, to_global  # noqa: E402
+from gqlm.models.flops import flops_per_token  # noqa: E402
+from gqlm.train import state as state_lib  # noqa: E402
+from gqlm.train.experiment import build_experiment  # noqa: E402
+from gqlm.train.step import make_train_step  # noqa: E402
+
+flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
+flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
+flags.DEFINE_bool("compile_time", True, "Also measure launch-to-first-step, cold and cached.")
+FLAGS = flags.FLAGS
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MODELS = {
+    "tiny_cpu": ("experiments/tiny_cpu.py", {}),
+    "d512_seq512": ("experiments/dense.py:d512", {"data.seq_len": "512", "data.batch_size": "16",
+                                                   "data.corpus": "shakespeare"}),
+}
+MESHES = [(8, 1, 1), (2, 4, 1)]
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n^3 fp32 matmul sharded over all devices (rows over devices)."""
+    mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    a = jax.device_put(jnp.ones((n * jax.device_count(), n), jnp.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    b = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a, b).block_until_ready()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * n * n * n * jax.device_count() / seconds
+
+
+def measure_training(experiment: str, overrides: dict[str, str], mesh: tuple[int, int, int], steps: int) -> dict:
+    config = config_lib.load_experiment(os.path.join(ROOT, experiment))
+    data, fsdp, tensor = mesh
+    config = config_lib.apply_overrides(config, {**overrides, "mesh.data": str(data), "mesh.fsdp": str(fsdp),
+                                                 "mesh.tensor": str(tensor), "optimizer.warmup_steps": "1"})
+    exp = build_experiment(config)
+    cfg = exp.config
+    batches = make_train_iterator(cfg, exp.tokenizer)
+    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(cfg.model, exp.tx, 0, exp.shardings)
+        step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
+                       in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None),
+                       donate_argnums=0)
+        data_batches = [to_global(next(batches), sharding) for _ in range(steps + 2)]
+        for batch in data_batches[:2]:
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for batch in data_batches[2:]:
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return {"step_time_s": seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
+            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+            "model_flops_per_s": tokens / seconds * flops_per_token(cfg.model, cfg.data.seq_len)}
+
+
+def launch_to_first_step(cache_dir: str) -> float:
+    """Seconds for `python -m gqlm.train` to finish one step of the smoke config (a fresh process)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "gqlm.train", "--config", "experiments/tiny_cpu.py:smoke",
+                        "--workdir", workdir, "--config.train.steps=1", "--config.train.sample_tokens=0",
+                        f"--config.train.compile_cache_dir={cache_dir}"], cwd=ROOT, check=True,
+                       capture_output=True)
+        return time.perf_counter() - start
+
+
+def main(argv):
+    results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform, "cases": []}
+    peak = measure_matmul_peak()
+    results["matmul_peak_flops"] = peak
+    print(f"measured fp32 matmul peak over {jax.device_count()} devices: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':<12} {'mesh':<10} {'step s':>8} {'tok/s':>9} {'GFLOP/tok':>10} {'MFU':>6}")
+    for name, (experiment, overrides) in MODELS.items():
+        for mesh in MESHES:
+            row = measure_training(experiment, overrides, mesh, FLAGS.steps)
+            row.update(model=name, mesh=list(mesh), mfu=row["model_flops_per_s"] / peak)
+            results["cases"].append(row)
+            print(f"{name:<12} {str(mesh):<10} {row['step_time_s']:>8.3f} {row['tokens_per_s']:>9.0f} "
+                  f"{row['flops_per_token'] / 1e9:>10.4f} {row['mfu']:>6.1%}")
+    if FLAGS.compile_time:
+        with tempfile.TemporaryDirectory() as cache:
+            cold, warm = launch_to_first_step(cache), launch_to_first_step(cache)
+        results["launch_to_first_step_s"] = {"cold_cache": cold, "warm_cache": warm}
+        print(f"launch to first step (smoke config, whole process): cold {cold:.1f} s, cached {warm:.1f} s")
+    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,90 @@
+"""SOAP against AdamW on the tiny byte-level Shakespeare LM: same model, data and token budget.
+
+Only the optimizer of the hidden matrices differs between the two arms. Parameter groups give
+the attention and MLP weights (`blocks/N/attn/{q,k,v,o}`, `blocks/N/mlp/{wi_gate,wi_up,wo}`) to
+OPT, and everything else (the tied embedding / output head `embed/table`, the norm scales) to
+AdamW in both arms. Attention weights are 3-D ([D, H, K] and [H, K, D]); SOAP keeps one Kronecker
+factor per dimension for them (merge_dims off). Both arms share b1=0.9, b2=0.95, weight decay
+0.1, gradient clipping 1.0, warm-up then cosine decay; the SOAP arm refreshes its eigenbases
+every 10 steps.
+
+The argument is `OPT[,lr=LR][,smoke]` with OPT in adamw | soap:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m gqlm.train --config experiments/soap_vs_adamw.py:adamw,lr=3e-3 --workdir /tmp/gqlm_adamw
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m gqlm.train --config experiments/soap_vs_adamw.py:soap,lr=3e-3 --workdir /tmp/gqlm_soap
+
+The learning-rate sweep for both arms is `SWEEP` (lr applies to every group: the AdamW-trained
+embeddings and norms move with it in both arms alike). `benchmarks/optimizers.py
+--part=steps_to_target` runs the sweep, picks each arm's best rate by final validation loss and
+counts the steps SOAP needs to reach AdamW's final validation loss:
+
+    python benchmarks/optimizers.py --part=steps_to_target
+
+Expect on 2 CPU cores: ~2-3 minutes per 300-step run (SOAP a little slower per step).
+`...:soap,smoke` is the same experiment shrunk for tests.
+"""
+
+from gqlm.config import base_config
+from gqlm.presets import apply_dense
+
+OPTIMIZERS = ("adamw", "soap")
+SWEEP = {"adamw": (1e-3, 3e-3, 1e-2), "soap": (1e-3, 3e-3, 1e-2)}
+HIDDEN_PATTERN = r"^blocks/\d+/(attn|mlp)/"  # matches attn/q, attn/o, mlp/wo, ... not attn_norm/scale
+
+
+def parse_arg(arg: str) -> tuple[str, float | None, bool]:
+    """`OPT[,lr=LR][,smoke]` -> (optimizer, learning rate or None, smoke); ValueError naming the part."""
+    name, *options = [part.strip() for part in (arg or "adamw").split(",")]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} must be one of {', '.join(OPTIMIZERS)} (arg {arg!r})")
+    lr, smoke = None, False
+    for option in options:
+        key, eq, value = option.partition("=")
+        if option == "smoke":
+            smoke = True
+        elif key == "lr" and eq:
+            try:
+                lr = float(value)
+            except ValueError:
+                raise ValueError(f"lr={value!r} is not a number (arg {arg!r})") from None
+        else:
+            raise ValueError(f"unknown option {option!r} (arg {arg!r}; expected lr=LR or smoke)")
+    return name, lr, smoke
+
+
+def get_config(arg: str = "adamw") -> "ml_collections.ConfigDict":
+    name, lr, smoke = parse_arg(arg)
+    config = base_config()
+    apply_dense(config, "tiny")
+    config.data.corpus = "shakespeare"
+    config.data.tokenizer = "byte"
+    config.data.seq_len = 128
+    config.data.batch_size = 32
+    o = config.optimizer
+    o.name = "adamw"  # embeddings / head and norms, in both arms
+    o.learning_rate = 3e-3 if lr is None else lr
+    o.warmup_steps = 30
+    o.precondition_frequency = 10
+    o.groups = ({"name": "hidden", "pattern": HIDDEN_PATTERN, "optimizer": name, "lr_multiplier": 1.0},)
+    config.train.steps = 300
+    config.train.log_every = 10
+    config.train.eval_every = 25
+    config.train.eval_batches = 4
+    config.train.checkpoint_every = 300
+    config.mesh.data = 8
+    if smoke:  # Same code path, seconds instead of minutes.
+        config.model.num_layers = 2
+        config.model.embed_dim = 64
+        config.model.mlp_dim = 128
+        config.data.seq_len = 32
+        config.data.batch_size = 16
+        config.train.steps = 20
+        o.warmup_steps = 2
+        config.train.eval_every = 10
+        config.train.checkpoint_every = 10
+        config.train.eval_batches = 2
+        config.train.sample_tokens = 16
+        config.train.progress = False
+    return config

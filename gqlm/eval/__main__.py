@@ -1,0 +1,37 @@
+"""python -m gqlm.eval --workdir DIR [--split validation] [--batches 16] [--config.a.b=v ...]
+
+Bits per byte of a training workdir's latest checkpoint on a split of its corpus (or another
+corpus via overrides, e.g. --config.data.corpus=python_stdlib).
+"""
+
+import json
+
+import jax
+from absl import flags
+
+from gqlm import cli
+
+flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+flags.DEFINE_string("split", "validation", "Corpus split to evaluate.")
+flags.DEFINE_integer("batches", 16, "Number of batches (of data.batch_size rows).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if not FLAGS.workdir:
+        cli.fail("--workdir is required")
+    from gqlm.data.pipeline import make_eval_batches
+    from gqlm.eval.bpb import evaluate
+    from gqlm.train.experiment import restore_trained
+    from gqlm.train.step import make_eval_step
+    exp, step, state = restore_trained(FLAGS.workdir, cli.overrides(), FLAGS.step)
+    batches = make_eval_batches(exp.config, exp.tokenizer, FLAGS.split, FLAGS.batches)
+    with jax.set_mesh(exp.mesh):
+        eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes))
+        metrics = evaluate(eval_step, state.params, batches, exp.mesh, exp.config.mesh.rules)
+    print(json.dumps({"step": step, "split": FLAGS.split, "corpus": exp.config.data.corpus, **metrics}))
+
+
+if __name__ == "__main__":
+    cli.run(main)

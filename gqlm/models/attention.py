@@ -1,0 +1,89 @@
+"""Causal grouped-query attention over packed documents.
+
+B batch, T query length, S key length, D model dim, H query heads, G kv heads, R = H/G query
+heads per kv head, K head dim.
+
+A token attends to earlier-or-equal tokens of its own segment only. Padding (segment 0) attends
+to earlier padding, so every row keeps at least its diagonal and never yields NaN; padding
+outputs are garbage that the loss mask drops. Attention is plain einsum (faster than
+`jax.nn.dot_product_attention` on XLA:CPU, see FACTS.md) with the softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.models import positions as positions_lib
+from gqlm.models.layers import dtypes, normal_param, output_std
+
+_MASKED = -1e30  # finite, so a fully masked row could never produce NaN
+
+
+def head_dims(cfg: ConfigDict) -> tuple[int, int, int]:
+    """(num_heads H, num_kv_heads G, head_dim K) with the config's 0-defaults resolved."""
+    H = cfg.num_heads
+    return H, cfg.num_kv_heads or H, cfg.head_dim or cfg.embed_dim // H
+
+
+def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
+    """bool mask_BTS: causal (s <= t) and same segment."""
+    T = segment_ids_BT.shape[1]
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return same_BTS & causal_TS[None]
+
+
+def dot_product_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array,
+                          mask_BTS: jax.Array, bias_BHTS: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(K) + bias, masked) v with query head h reading kv head h // R.
+
+    kv heads are repeated to H heads rather than grouping queries in a 5-D einsum: on XLA:CPU the
+    4-D form measured 15-20% faster (fwd+bwd, B16 T256 H4 K64), and training keeps no kv cache.
+    """
+    H, K = q_BTHK.shape[2:]
+    R = H // k_BSGK.shape[2]
+    k_BSHK = jnp.repeat(k_BSGK, R, axis=2) if R > 1 else k_BSGK
+    v_BSHK = jnp.repeat(v_BSGK, R, axis=2) if R > 1 else v_BSGK
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
+                             preferred_element_type=jnp.float32) * (K ** -0.5)
+    if bias_BHTS is not None:
+        logits_BHTS = logits_BHTS + bias_BHTS
+    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, _MASKED)
+    probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+
+
+class Attention(nnx.Module):
+    """Projections q [D,H,K], k/v [D,G,K], o [H,K,D] around `dot_product_attention`."""
+
+    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+        param_dtype, self.compute_dtype = dtypes(cfg)
+        D = cfg.embed_dim
+        H, G, K = head_dims(cfg)
+        std = cfg.init_std
+        self.q = normal_param(rngs, (D, H, K), ("embed", "heads", "kv"), std, param_dtype)
+        self.k = normal_param(rngs, (D, G, K), ("embed", "kv_heads", "kv"), std, param_dtype)
+        self.v = normal_param(rngs, (D, G, K), ("embed", "kv_heads", "kv"), std, param_dtype)
+        self.o = normal_param(rngs, (H, K, D), ("heads", "kv", "embed"), output_std(cfg), param_dtype)
+        if cfg.position not in positions_lib.POSITIONS:
+            raise ConfigError(f"model.position={cfg.position!r} must be one of rope, alibi, none")
+        self.position = cfg.position
+        self.rope_theta = float(cfg.rope_theta)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+        cdt = self.compute_dtype
+        x_BTD = x_BTD.astype(cdt)
+        q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(cdt))
+        k_BSGK = jnp.einsum("bsd,dgk->bsgk", x_BTD, self.k[...].astype(cdt))
+        v_BSGK = jnp.einsum("bsd,dgk->bsgk", x_BTD, self.v[...].astype(cdt))
+        bias_BHTS = None
+        if self.position == "rope":
+            q_BTHK = positions_lib.apply_rope(q_BTHK, positions_BT, self.rope_theta)
+            k_BSGK = positions_lib.apply_rope(k_BSGK, positions_BT, self.rope_theta)
+        elif self.position == "alibi":
+            bias_BHTS = positions_lib.alibi_bias(q_BTHK.shape[2], positions_BT)
+        out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BT), bias_BHTS)
+        return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o[...].astype(cdt))

@@ -1,0 +1,136 @@
+"""Decoder-only language model: embedding, pre-norm blocks (dense or MoE MLP), final norm, head.
+
+B batch, T length, D model dim, V vocab, L layers.
+
+`Transformer(config.model, rngs=...)(inputs_BT, positions_BT, segment_ids_BT)` returns float32
+`logits_BTV` and `aux`, a dict of scalar auxiliary losses/metrics: empty for a dense model; for
+MoE layers each key is summed over layers, and kept per layer as f"layer_{i}/{key}".
+
+Blocks live in `self.blocks`: an `nnx.List` (pure-dict keys 0..L-1) or, with
+`model.scan_layers`, one block whose parameters are stacked on a leading 'layers' axis and run
+with `nnx.scan` (faster to compile for deep models; slower on XLA:CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gqlm.config import ConfigDict, ConfigError, moe_layer_indices
+from gqlm.models.attention import Attention
+from gqlm.models.layers import Embedding, Mlp, RMSNorm, dtypes, normal_param
+
+Aux = dict[str, jax.Array]
+
+
+class Block(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or a mixture of experts."""
+
+    def __init__(self, cfg: ConfigDict, *, moe: bool, rngs: nnx.Rngs):
+        param_dtype, compute_dtype = dtypes(cfg)
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype, compute_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype, compute_dtype)
+        if moe:
+            from gqlm.models.moe import MoeMLP  # lazy: dense models never need moe.py
+            self.mlp = MoeMLP(cfg, rngs=rngs)
+        else:
+            self.mlp = Mlp(cfg, rngs=rngs)
+        self.is_moe = moe
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT).astype(x_BTD.dtype)
+        h_BTD = self.mlp_norm(x_BTD)
+        if self.is_moe:
+            y_BTD, aux = self.mlp(h_BTD, segment_ids_BT)
+        else:
+            y_BTD, aux = self.mlp(h_BTD), {}
+        return x_BTD + y_BTD.astype(x_BTD.dtype), dict(aux)
+
+
+def _apply_block(block: Block, x_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
+    return block(x_BTD, positions_BT, segment_ids_BT)
+
+
+_LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
+
+
+def _stacked_blocks(cfg: ConfigDict, moe: bool, rngs: nnx.Rngs) -> Block:
+    """L blocks created by vmap: every parameter gets a leading 'layers' axis."""
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, moe=moe, rngs=rngs)
+    return make(rngs)
+
+
+class Transformer(nnx.Module):
+    """Decoder LM; `cfg` is `config.model` with `vocab_size` already resolved (> 0)."""
+
+    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size={cfg.vocab_size} must be resolved to a positive size")
+        param_dtype, compute_dtype = dtypes(cfg)
+        self.embed = Embedding(cfg, rngs=rngs)
+        moe_layers = set(moe_layer_indices(cfg))
+        self.num_layers = cfg.num_layers
+        self.scan_layers = bool(cfg.scan_layers)
+        self.remat = bool(cfg.remat)
+        if self.scan_layers:
+            kinds = {i in moe_layers for i in range(cfg.num_layers)}
+            if len(kinds) > 1:
+                raise ConfigError(
+                    f"model.scan_layers=True needs all layers alike, but only layers "
+                    f"{sorted(moe_layers)} of {cfg.num_layers} are MoE (see model.moe.every/layers)")
+            self.blocks = _stacked_blocks(cfg, kinds.pop(), rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, moe=i in moe_layers, rngs=rngs)
+                                    for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype, compute_dtype)
+        self.tie_embeddings = bool(cfg.tie_embeddings)
+        if not self.tie_embeddings:
+            self.unembed = normal_param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
+                                        cfg.init_std, param_dtype)
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, inputs_BT: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
+        x_BTD = self.embed(inputs_BT)
+        block_fn: Callable = nnx.remat(_apply_block) if self.remat else _apply_block
+        if self.scan_layers:
+            x_BTD, aux_by_layer = self._run_scanned(block_fn, x_BTD, positions_BT, segment_ids_BT)
+        else:
+            per_layer = []
+            for block in self.blocks:
+                x_BTD, layer_aux = block_fn(block, x_BTD, positions_BT, segment_ids_BT)
+                per_layer.append(layer_aux)
+            aux_by_layer = dict(enumerate(per_layer))
+        x_BTD = self.final_norm(x_BTD)
+        if self.tie_embeddings:
+            logits_BTV = self.embed.attend(x_BTD)
+        else:
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(self.compute_dtype),
+                                    preferred_element_type=jnp.float32)
+        return logits_BTV, _summarise_aux(aux_by_layer)
+
+    def _run_scanned(self, block_fn: Callable, x_BTD: jax.Array, positions_BT: jax.Array,
+                     segment_ids_BT: jax.Array) -> tuple[jax.Array, dict[int, Aux]]:
+        scan = nnx.scan(block_fn, in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0),
+                        transform_metadata=_LAYERS_AXIS)
+        x_BTD, stacked = scan(self.blocks, x_BTD, positions_BT, segment_ids_BT)
+        return x_BTD, {i: {k: v[i] for k, v in stacked.items()} for i in range(self.num_layers)}
+
+
+def _summarise_aux(by_layer: dict[int, Aux]) -> Aux:
+    """Sums each key over layers and keeps per-layer copies as 'layer_{i}/{key}'."""
+    out: Aux = {}
+    for i, aux in by_layer.items():
+        for key, value in aux.items():
+            out[key] = out[key] + value if key in out else value
+            out[f"layer_{i}/{key}"] = value
+    return out

@@ -1,0 +1,34 @@
+"""python -m gqlm.sample --workdir DIR --prompt TEXT [--num_tokens 200] [--temperature 0.8] [--top_k 40]
+
+Temperature 0 is greedy decoding.
+"""
+
+import jax
+from absl import flags
+
+from gqlm import cli
+
+flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+flags.DEFINE_string("prompt", "\n", "Text to continue.")
+flags.DEFINE_integer("num_tokens", 200, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens; 0 = all.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if not FLAGS.workdir:
+        cli.fail("--workdir is required")
+    if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.num_tokens < 1:
+        cli.fail("--temperature and --top_k must be >= 0 and --num_tokens >= 1")
+    from gqlm.train.experiment import restore_trained
+    from gqlm.train.sampling import sample_text
+    exp, _, state = restore_trained(FLAGS.workdir, cli.overrides())
+    with jax.set_mesh(exp.mesh):
+        print(FLAGS.prompt + sample_text(exp, state.params, FLAGS.prompt, FLAGS.num_tokens,
+                                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,57 @@
+"""Text -> pretokens -> byte pieces of at most `max_pretoken_len` bytes.
+
+Pretokens come from the GPT-2 regex applied to the text; each is encoded to bytes and cut into
+pieces. `bytes_to_text` of the pieces' concatenation is the text (a pretoken boundary is never
+inside a multi-byte sequence or an escape), so any segmentation of the pieces is lossless.
+
+Text <-> bytes is gqlm.tokenizers.base's shared lossless mapping (lone surrogates included).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import regex
+
+from gqlm.tokenizers.base import text_to_bytes
+
+GPT2_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+BYTE_PAD = 256  # the byte-embedding id of padding positions
+
+
+def pretokens(text: str) -> list[str]:
+    """GPT-2 pretokens of `text`; their concatenation is `text`."""
+    return GPT2_PATTERN.findall(text)
+
+
+def split_piece(data: bytes, max_len: int) -> list[bytes]:
+    return [data[i:i + max_len] for i in range(0, len(data), max_len)]
+
+
+def pieces(text: str, max_len: int) -> Iterator[bytes]:
+    """Byte pieces of at most `max_len` bytes; `bytes_to_text` of their concatenation is `text`."""
+    for p in pretokens(text):
+        yield from split_piece(text_to_bytes(p), max_len)
+
+
+def pack_pieces(chunks: Sequence[bytes], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, max_len] int32 bytes (BYTE_PAD after the end) and [N] int32 lengths."""
+    out = np.full((len(chunks), max_len), BYTE_PAD, np.int32)
+    lengths = np.zeros((len(chunks),), np.int32)
+    for i, c in enumerate(chunks):
+        out[i, :len(c)] = np.frombuffer(c, np.uint8)
+        lengths[i] = len(c)
+    return out, lengths
+
+
+def corpus_pieces(texts: Iterable[str], max_len: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All pieces of `texts` (in order, repeats kept), at most `limit` of them if `limit` > 0."""
+    chunks: list[bytes] = []
+    for text in texts:
+        chunks.extend(pieces(text, max_len))
+        if limit and len(chunks) >= limit:
+            chunks = chunks[:limit]
+            break
+    return pack_pieces(chunks, max_len)

@@ -1,0 +1,101 @@
+"""Everything a config determines before any data is read: mesh, tokenizer, model, optimizer, shardings.
+
+Shared by training, evaluation and sampling, so all three see the same model and layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from gqlm import config as config_lib
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.mesh import make_mesh
+from gqlm.models.flops import count_params, flops_per_token
+from gqlm.optim.factory import make_optimizer
+from gqlm.tokenizers.base import Tokenizer, load_tokenizer
+from gqlm.train import state as state_lib
+
+
+class Experiment(NamedTuple):
+    config: ConfigDict  # with model.vocab_size resolved
+    mesh: Mesh
+    tokenizer: Tokenizer
+    model: state_lib.Model
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: state_lib.TrainState
+    abstract: state_lib.TrainState  # ShapeDtypeStructs with shardings
+
+    @property
+    def token_bytes(self) -> jax.Array:
+        table = self.tokenizer.token_bytes()
+        padded = jnp.zeros((self.config.model.vocab_size,), jnp.float32)
+        return padded.at[: len(table)].set(jnp.asarray(table, jnp.float32))
+
+
+def enable_compile_cache(train_cfg: ConfigDict) -> None:
+    if train_cfg.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(train_cfg.compile_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def resolve_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
+    """Sets model.vocab_size from the tokenizer (rounded up to 128 so it shards evenly)."""
+    config = config.copy_and_resolve_references()
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = -(-tokenizer.vocab_size // 128) * 128
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ({config.data.tokenizer})")
+    config.lock()
+    return config
+
+
+def build_experiment(config: ConfigDict) -> Experiment:
+    """Validates the config and builds the abstract experiment; nothing large is allocated."""
+    config_lib.validate(config, jax.device_count())
+    enable_compile_cache(config.train)
+    mesh = make_mesh(config.mesh)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    config = resolve_vocab(config, tokenizer)
+    model = state_lib.build_model(config.model, config.mesh.rules, mesh)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, model.abstract_params)
+    shardings = state_lib.state_shardings(model, tx, mesh)
+    abstract = state_lib.abstract_state(model, tx, shardings)
+    return Experiment(config, mesh, tokenizer, model, tx, schedule, shardings, abstract)
+
+
+def dry_run_report(exp: Experiment) -> str:
+    """Parameter count, FLOPs/token, per-device memory and every parameter's sharding."""
+    cfg = exp.config
+    counts = count_params(cfg.model)
+    memory = state_lib.describe(exp.abstract, exp.model)
+    lines = [
+        f"mesh: {dict(exp.mesh.shape)} ({jax.device_count()} devices, {jax.devices()[0].platform})",
+        "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+        f"FLOPs per token (train, seq_len={cfg.data.seq_len}): {flops_per_token(cfg.model, cfg.data.seq_len):.4g}",
+        f"per-device memory: params {memory['param_bytes_per_device'] / 2**20:,.1f} MiB, "
+        f"optimizer state {memory['opt_bytes_per_device'] / 2**20:,.1f} MiB "
+        f"({cfg.optimizer.name})",
+        "parameter shardings:",
+    ]
+    for name, shape, spec in state_lib.param_sharding_table(exp.model):
+        lines.append(f"  {name:<48} {str(shape):<22} {spec}")
+    return "\n".join(lines)
+
+
+def restore_trained(workdir: str, overrides: dict[str, str] | None = None,
+                    step: int | None = None) -> tuple[Experiment, int, state_lib.TrainState]:
+    """The experiment saved in a training workdir and its checkpointed state (any mesh)."""
+    from gqlm.train.checkpoint import load_config, load_state  # checkpoint imports this module's deps
+    config = config_lib.apply_overrides(load_config(workdir), overrides or {})
+    exp = build_experiment(config)
+    with jax.set_mesh(exp.mesh):
+        step, state = load_state(workdir, exp.abstract, step)
+    return exp, step, state

@@ -1,0 +1,76 @@
+"""Metric sinks (tensorboard, JSON lines, console) and FLOPs / MFU accounting.
+
+Only process 0 writes; every other process gets a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, from vendor datasheets, keyed by a substring of device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+}
+
+
+def device_peak_flops(override: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device; None where unknown (CPU: measure it, see benchmarks/)."""
+    if override:
+        return override
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+class MetricWriter:
+    """Writes scalars to tensorboard and `metrics.jsonl` in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        os.makedirs(workdir, exist_ok=True)
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+        for k, v in scalars.items():
+            self.tensorboard.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+            self.jsonl.close()
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last call."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_total = peak_flops * jax.device_count() if peak_flops else None
+        self.last_time, self.last_step = time.perf_counter(), None
+
+    def __call__(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {}
+        if self.last_step is not None and step > self.last_step:
+            seconds = (now - self.last_time) / (step - self.last_step)
+            tokens_per_s = self.tokens_per_step / seconds
+            out = {"step_time_s": seconds, "tokens_per_s": tokens_per_s}
+            if self.peak_total:
+                out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
+        self.last_time, self.last_step = now, step
+        return out

@@ -1,0 +1,93 @@
+"""The pure train and eval steps. B batch, T length, V vocab.
+
+`train_step(state, batch) -> (state, metrics)` is built by `make_train_step` from the static
+pieces (graphdef, optimizer, loss weights) so that the jitted function itself is short and pure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gqlm.config import ConfigDict
+from gqlm.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch,
+                 token_bytes_V: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Summed cross-entropy (nats), target tokens and target bytes of one batch, plus model aux."""
+    model = nnx.merge(graphdef, params)
+    logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    mask_BT = batch["loss_mask"]
+    sums = {
+        "ce_sum": jnp.sum(ce_BT * mask_BT),
+        "tokens": jnp.sum(mask_BT),
+        "bytes": jnp.sum(token_bytes_V[batch["targets"]] * mask_BT),
+    }
+    return sums, aux
+
+
+def aux_loss(aux: dict[str, jax.Array], moe_cfg: ConfigDict) -> jax.Array:
+    """Weighted MoE auxiliary losses (zero for a dense model)."""
+    return (moe_cfg.lb_loss_weight * aux.get("lb_loss", 0.0)
+            + moe_cfg.z_loss_weight * aux.get("z_loss", 0.0))
+
+
+def split_microbatches(batch: Batch, num: int) -> Batch:
+    """[B, T] -> [num, B/num, T] (row i goes to microbatch i % num, keeping data shards local)."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulate_gradients(grad_fn: Callable, batch: Batch, num_micro: int) -> Any:
+    """Sums `grad_fn(microbatch)` (values and grads) over `num_micro` microbatches with a scan."""
+    micros = split_microbatches(batch, num_micro)
+    shapes = jax.eval_shape(grad_fn, jax.tree.map(lambda x: x[0], micros))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    step = lambda carry, micro: (jax.tree.map(jnp.add, carry, grad_fn(micro)), None)
+    return jax.lax.scan(step, zeros, micros)[0]
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ConfigDict, token_bytes_V: jax.Array) -> Callable:
+    grad_accum, moe_cfg = config.train.grad_accum, config.model.moe
+
+    def micro_loss(params, micro, total_tokens):
+        sums, aux = token_losses(graphdef, params, micro, token_bytes_V)
+        loss = sums["ce_sum"] / total_tokens + aux_loss(aux, moe_cfg) / grad_accum
+        return loss, (sums, aux)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        (loss, (sums, aux)), grads = accumulate_gradients(
+            lambda micro: grad_fn(state.params, micro, total_tokens), batch, grad_accum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good one.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(state.step + 1, keep(params, state.params),
+                               keep(opt_state, state.opt_state), jax.random.fold_in(state.rng, state.step))
+        aux = jax.tree.map(lambda v: v / grad_accum, aux)
+        metrics = {"loss": loss, "ce": sums["ce_sum"] / total_tokens,
+                   "bpb": sums["ce_sum"] / (math.log(2) * jnp.maximum(sums["bytes"], 1.0)),
+                   "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                   "tokens": sums["tokens"], "nonfinite": 1 - finite.astype(jnp.int32), **aux}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, token_bytes_V: jax.Array) -> Callable:
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        return token_losses(graphdef, params, batch, token_bytes_V)[0]
+    return eval_step

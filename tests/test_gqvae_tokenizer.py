@@ -1,0 +1,129 @@
+"""GQVAETokenizer: lossless on any text, deterministic, save/load identical, clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gqlm.config import ConfigError, base_config
+from gqlm.tokenizers.base import TokenizerDirError, has_surrogates, load_tokenizer, text_to_bytes
+from gqlm.tokenizers.gqvae import tokenizer as tokenizer_module
+from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer, build_gqvae_tokenizer
+from gqlm.tokenizers.gqvae.train import CheckpointError, train_gqvae
+
+TEXTS = ["the cat and the hat; the rat sat on the mat. " * 4, "then the man ran to the van.\n" * 4]
+VOCAB = 259 + 6
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    c = base_config()
+    c.gqvae.update(dict(embed_dim=16, num_heads=2, encoder_layers=1, gater_layers=1, mlp_dim=32,
+                        codebook_size=32, max_token_len=4, max_pretoken_len=8, batch_size=32,
+                        learning_rate=3e-3, warmup_steps=5, reseed_every=5))
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    train_gqvae(c, TEXTS, ckpt, 25)
+    out = str(tmp_path_factory.mktemp("tok"))
+    return ckpt, out, build_gqvae_tokenizer(ckpt, VOCAB, TEXTS, out)
+
+
+def random_texts(seed, n=30):
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(n):
+        kind = rng.integers(4)
+        if kind == 0:  # arbitrary code points, lone surrogates included
+            texts.append("".join(chr(c) for c in rng.integers(0, 0x110000, rng.integers(0, 40))))
+        elif kind == 1:  # raw bytes read with surrogateescape
+            texts.append(rng.bytes(int(rng.integers(0, 60))).decode("utf-8", "surrogateescape"))
+        elif kind == 2:  # mostly the training text, long words past max_pretoken_len
+            texts.append(TEXTS[0][: rng.integers(0, 80)] + "supercalifragilistic" * int(rng.integers(3)))
+        else:  # ambiguous escapes: surrogates that spell valid UTF-8 together, next to letters
+            texts.append("\udcc3\udca9a\udce2 \udc82\ud800x" + chr(int(rng.integers(32, 0x3000))))
+    return texts
+
+
+def test_vocabulary_and_ids(built):
+    _, _, tok = built
+    assert tok.vocab_size == VOCAB and (tok.bos_id, tok.eos_id, tok.pad_id) == (256, 257, 258)
+    assert len(tok.tokens) == 6 and len(set(tok.tokens)) == 6 and all(len(t) > 1 for t in tok.tokens)
+    sizes = tok.token_bytes()
+    assert sizes.shape == (VOCAB,) and (sizes[:256] == 1).all() and (sizes[256:259] == 0).all()
+    assert [sizes[259 + i] for i in range(6)] == [len(t) for t in tok.tokens]
+
+
+def test_round_trip_random_unicode_and_raw_bytes(built):
+    _, _, tok = built
+    for text in random_texts(0) + TEXTS + [""]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(0 <= i < tok.vocab_size and i not in (256, 257, 258) for i in ids)
+        if not has_surrogates(text):  # then the shared mapping is plain UTF-8
+            assert int(tok.token_bytes()[ids].sum()) == len(text_to_bytes(text))
+
+
+def test_learned_tokens_are_used(built):
+    _, _, tok = built
+    ids = tok.encode(TEXTS[0])
+    assert any(i >= 259 for i in ids) and len(ids) < len(text_to_bytes(TEXTS[0]))
+
+
+def test_encoding_is_deterministic_and_cache_independent(built):
+    ckpt, out, tok = built
+    texts = random_texts(1, 10) + TEXTS
+    first = [tok.encode(t) for t in texts]
+    fresh = GQVAETokenizer.load(out)  # empty cache, other batch composition
+    assert fresh.encode_batch(list(reversed(texts))) == list(reversed(first))
+    assert [tok.encode(t) for t in texts] == first  # now all cached
+
+
+def test_save_load_identical(built, tmp_path):
+    _, _, tok = built
+    tok.save(str(tmp_path))
+    loaded = load_tokenizer(f"gqvae:{tmp_path}")
+    assert isinstance(loaded, GQVAETokenizer)
+    assert loaded.fingerprint() == tok.fingerprint() and loaded.tokens == tok.tokens
+    for text in random_texts(2, 10) + TEXTS:
+        assert loaded.encode(text) == tok.encode(text)
+    np.testing.assert_array_equal(loaded.token_bytes(), tok.token_bytes())
+
+
+def test_load_errors_name_the_path(built, tmp_path):
+    _, out, _ = built
+    with pytest.raises(TokenizerDirError, match="does not exist"):
+        GQVAETokenizer.load(str(tmp_path / "missing"))
+    manifest = json.load(open(os.path.join(out, "gqlm_tokenizer.json")))
+    for change, message in (({"kind": "bpe"}, "not 'gqvae'"), ({"format_version": 7}, "format_version 7")):
+        bad = tmp_path / f"bad_{len(message)}"
+        bad.mkdir()
+        (bad / "gqlm_tokenizer.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(TokenizerDirError, match=message) as info:
+            GQVAETokenizer.load(str(bad))
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    nop = tmp_path / "no_params"
+    nop.mkdir()
+    (nop / "gqlm_tokenizer.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenizerDirError, match="incomplete or corrupt"):
+        GQVAETokenizer.load(str(nop))
+
+
+def test_build_errors(built, tmp_path):
+    ckpt, _, _ = built
+    with pytest.raises(ConfigError, match="vocab_size=100000 exceeds") as info:
+        GQVAETokenizer.build(ckpt, 100_000, TEXTS)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="vocab_size=10 must be at least 259"):
+        GQVAETokenizer.build(ckpt, 10, TEXTS)
+    with pytest.raises(CheckpointError, match="is not a GQ-VAE checkpoint") as info:
+        GQVAETokenizer.build(str(tmp_path), VOCAB, TEXTS)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_cache_is_bounded(built, monkeypatch):
+    ckpt, out, _ = built
+    monkeypatch.setattr(tokenizer_module, "MAX_CACHE", 3)
+    tok = GQVAETokenizer.load(out)
+    text = random_texts(3, 1)[0] + TEXTS[1]
+    assert tok.decode(tok.encode(text)) == text and len(tok._cache) == 3
+    assert tok.encode(text) == GQVAETokenizer.load(out).encode(text)

@@ -1,0 +1,261 @@
+"""Launchers: the exact gcloud / sbatch commands of --dry_run, and one-line errors before anything starts.
+
+Expected command lines are written out here from the inputs, not produced by the launcher's helpers.
+"""
+
+import importlib.metadata
+import os
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from launch import gpu_slurm, local, multinode, tpu
+from launch.common import LaunchError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX = importlib.metadata.version("jax")  # the installed jax is the version setup.py pins
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # experiment paths in commands are relative to the repository
+
+
+def fake_gcloud(tmp_path, project=""):
+    """A `gcloud` that records every call and answers `config get-value project` with `project`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gcloud_calls.txt"
+    script = bin_dir / "gcloud"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                      f'if [ "$1 $2 $3" = "config get-value project" ]; then echo "{project}"; fi\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(bin_dir), calls
+
+
+def run_main(main, argv, capsys):
+    """(exit code, stdout lines, stderr lines) of an in-process launcher run."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def remote_setup():
+    return ("set -e; mkdir -p ~/gqlm && tar -xzf ~/gqlm-src.tar.gz -C ~/gqlm && cd ~/gqlm && "
+            f'bash scripts/setup.sh && .venv/bin/pip install -q "jax[tpu]=={JAX}"')
+
+
+def remote_run(log_name, command):
+    return ("set -o pipefail; cd ~/gqlm && . .venv/bin/activate && mkdir -p logs && "
+            f"GQLM_DISTRIBUTED=auto {command} 2>&1 | tee -a logs/{log_name}.log")
+
+
+TRAIN = "python -m gqlm.train --config experiments/tiny_cpu.py --workdir gs://bucket/run"
+
+
+def test_tpu_vm_launch_dry_run(capsys):
+    argv = ["launch", "--name", "gq-v4", "--zone", "us-central2-b", "--project", "proj", "--accelerator_type",
+            "v4-32", "--spot", "--dry_run", "--", *TRAIN.split(), "--config.mesh.data=16"]
+    code, out, err = run_main(tpu.main, argv, capsys)
+    assert (code, err) == (0, [])
+    where = "--project=proj --zone=us-central2-b"
+    train = TRAIN + " --config.mesh.data=16"
+    assert out[0] == (f"gcloud compute tpus tpu-vm create gq-v4 {where} --accelerator-type=v4-32 "
+                      "--version=tpu-ubuntu2204-base --spot")
+    assert out[1].startswith("# pack the working tree") and out[1].endswith("/tmp/gqlm-src-gq-v4.tar.gz")
+    assert out[2:] == [
+        f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-gq-v4.tar.gz gq-v4:gqlm-src.tar.gz {where} --worker=all",
+        f"gcloud compute tpus tpu-vm ssh gq-v4 {where} --worker=all --command={shlex.quote(remote_setup())}",
+        f"gcloud compute tpus tpu-vm ssh gq-v4 {where} --worker=all --command={shlex.quote(remote_run('gq-v4', train))}",
+        f"gcloud compute tpus tpu-vm delete gq-v4 {where} --quiet",
+    ]
+
+
+def test_tpu_multislice_queued_dry_run(capsys):
+    argv = ["launch", "--name", "ms", "--zone", "us-east5-b", "--project", "proj", "--accelerator_type",
+            "v5litepod-16", "--num_slices", "2", "--spot", "--env", "WANDB_MODE=offline", "--dry_run", "--",
+            *TRAIN.split(), "--config.mesh.data=32"]
+    code, out, err = run_main(tpu.main, argv, capsys)
+    assert (code, err) == (0, [])
+    where = "--project=proj --zone=us-east5-b"
+    train = TRAIN + " --config.mesh.data=32"
+    run_line = remote_run("ms", train).replace("GQLM_DISTRIBUTED=auto", "GQLM_DISTRIBUTED=auto WANDB_MODE=offline")
+    commands = [line for line in out if not line.startswith("#")]
+    assert commands == [
+        f"gcloud compute tpus queued-resources create ms {where} --accelerator-type=v5litepod-16 "
+        "--runtime-version=v2-alpha-tpuv5-lite --node-count=2 --node-prefix=ms --spot",
+        f"gcloud compute tpus queued-resources describe ms {where} --format='value(state.state)'",
+        f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-ms.tar.gz ms-0:gqlm-src.tar.gz {where} --worker=all",
+        f"gcloud compute tpus tpu-vm ssh ms-0 {where} --worker=all --command={shlex.quote(remote_setup())}",
+        f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-ms.tar.gz ms-1:gqlm-src.tar.gz {where} --worker=all",
+        f"gcloud compute tpus tpu-vm ssh ms-1 {where} --worker=all --command={shlex.quote(remote_setup())}",
+        f"gcloud compute tpus tpu-vm ssh ms-0 {where} --worker=all --command={shlex.quote(run_line)}",
+        f"gcloud compute tpus tpu-vm ssh ms-1 {where} --worker=all --command={shlex.quote(run_line)}",
+        f"gcloud compute tpus queued-resources delete ms {where} --force --quiet",
+    ]
+
+
+def test_tpu_single_steps_and_default_project(tmp_path, monkeypatch, capsys):
+    bin_dir, _ = fake_gcloud(tmp_path, project="from-gcloud")
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
+    code, out, _ = run_main(tpu.main, ["delete", "--name", "n", "--zone", "z", "--queued", "--dry_run"], capsys)
+    assert (code, out) == (0, ["gcloud compute tpus queued-resources delete n --project=from-gcloud --zone=z "
+                               "--force --quiet"])
+    code, out, _ = run_main(tpu.main, ["create", "--name", "n", "--zone", "z", "--accelerator_type", "v3-8",
+                                       "--version", "my-image", "--preemptible", "--dry_run"], capsys)
+    assert (code, out) == (0, ["gcloud compute tpus tpu-vm create n --project=from-gcloud --zone=z "
+                               "--accelerator-type=v3-8 --version=my-image --preemptible"])
+
+
+@pytest.mark.parametrize("accelerator, devices", [
+    ("v2-8", 8), ("v3-32", 32), ("v4-8", 4), ("v4-32", 16), ("v5p-128", 64), ("v5litepod-16", 16),
+    ("v6e-8", 8), ("v6e-256", 256)])
+def test_tpu_device_counts(accelerator, devices):
+    assert tpu.num_devices(accelerator) == devices
+
+
+@pytest.mark.parametrize("accelerator", ["v9-8", "v4", "v4-1", "tpu-v4-8"])
+def test_tpu_unknown_accelerator(accelerator):
+    with pytest.raises(LaunchError, match="accelerator_type"):
+        tpu.num_devices(accelerator)
+
+
+@pytest.mark.parametrize("accelerator, slices, override, needle", [
+    ("v4-32", 1, [], "16 devices"),  # tiny_cpu's mesh.data=8 on 16 devices
+    ("v5p-8", 1, [], "4 devices"),
+    ("v6e-8", 2, ["--config.mesh.data=-1", "--config.mesh.fsdp=16"], "multiple of the 2 slices"),
+    ("v4-16", 1, ["--config.mesh.data=8", "--config.data.batch_size=12"], "data.batch_size=12"),
+])
+def test_tpu_config_that_does_not_fit_creates_nothing(tmp_path, monkeypatch, capsys, accelerator, slices,
+                                                      override, needle):
+    bin_dir, calls = fake_gcloud(tmp_path, project="p")
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
+    argv = ["launch", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", accelerator,
+            "--num_slices", str(slices), "--", *TRAIN.split(), *override]
+    code, out, err = run_main(tpu.main, argv, capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0] and accelerator in err[0]
+    assert err[0].startswith("gqlm launch: error: ")
+    assert not calls.exists()  # gcloud was never called: nothing was created
+
+
+def test_tpu_missing_gcloud(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcloud anywhere
+    code, out, err = run_main(tpu.main, ["create", "--name", "n", "--zone", "z", "--project", "p",
+                                         "--accelerator_type", "v4-8"], capsys)
+    assert code == 2 and len(err) == 1 and "gcloud not found" in err[0]
+
+
+def test_tpu_missing_project(tmp_path, monkeypatch, capsys):
+    bin_dir, calls = fake_gcloud(tmp_path, project="")
+    monkeypatch.setenv("PATH", bin_dir)
+    code, out, err = run_main(tpu.main, ["create", "--name", "n", "--zone", "z", "--accelerator_type", "v4-8"], capsys)
+    assert code == 2 and len(err) == 1 and "no GCP project" in err[0]
+    assert calls.read_text().splitlines() == ["config get-value project"]  # asked, created nothing
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v4-8", "--dry_run"],
+     "after `--`"),
+    (["launch", "--name", "n", "--zone", "z", "--project", "p", "--dry_run", "--", "x"], "--accelerator_type"),
+    (["create", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v4-8", "--queued",
+      "--preemptible", "--dry_run"], "--spot"),
+    (["create", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v5p-3", "--dry_run"],
+     "whole number"),
+])
+def test_tpu_bad_arguments(capsys, argv, needle):
+    code, out, err = run_main(tpu.main, argv, capsys)
+    assert code == 2 and out == [] and len(err) == 1 and needle in err[0]
+
+
+# ----------------------------------------------------------------------------- Slurm
+
+
+def test_slurm_dry_run_renders_the_script(tmp_path, capsys):
+    argv = ["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu", "--account", "lab", "--time", "12:00:00",
+            "--sbatch=--qos=high", "--log_dir", str(tmp_path / "logs"), "--dry_run", "--",
+            "python", "-m", "gqlm.train", "--config", "experiments/tiny_cpu.py", "--workdir", "/shared/run 1"]
+    code, out, err = run_main(gpu_slurm.main, argv, capsys)
+    assert (code, err) == (0, [])
+    expected = f"""#!/bin/bash
+# gqlm on a Slurm GPU cluster: 2 node(s) x 4 GPU(s), one task (JAX process) per GPU.
+# Rendered by launch/gpu_slurm.py from launch/gpu_slurm.sbatch; every ${{...}} below is for the shell.
+#SBATCH --job-name=gqlm
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --output={tmp_path}/logs/gqlm-%j.out
+#SBATCH --partition=gpu
+#SBATCH --account=lab
+#SBATCH --qos=high
+set -euo pipefail
+cd {ROOT}
+source {ROOT}/.venv/bin/activate
+# gqlm.distributed.maybe_initialize() reads SLURM_* (jax's Slurm detection): the coordinator is
+# the first node, each task drives the GPU of its SLURM_LOCALID.
+export GQLM_INIT_TIMEOUT=${{GQLM_INIT_TIMEOUT:-600}}
+srun --kill-on-bad-exit=1 python -m gqlm.train --config experiments/tiny_cpu.py --workdir '/shared/run 1'
+"""
+    assert "\n".join(out) + "\n" == expected
+    assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+
+
+def test_slurm_config_that_does_not_fit(capsys):
+    argv = ["--nodes", "2", "--gpus_per_node", "8", "--dry_run", "--", *TRAIN.split()]
+    code, _, err = run_main(gpu_slurm.main, argv, capsys)
+    assert code == 2 and len(err) == 1 and "16 devices" in err[0] and "mesh" in err[0]
+
+
+def test_slurm_without_sbatch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    argv = ["--nodes", "1", "--gpus_per_node", "8", "--log_dir", str(tmp_path / "logs"), "--", *TRAIN.split()]
+    code, _, err = run_main(gpu_slurm.main, argv, capsys)
+    assert code == 2 and len(err) == 1 and "sbatch not found" in err[0]
+    assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------- plain multi-node, local
+
+
+def test_multinode_dry_run_and_bad_id(capsys):
+    base = ["--coordinator", "10.1.2.3:1234", "--num_processes", "4"]
+    code, out, _ = run_main(multinode.main, base + ["--process_id", "3", "--dry_run", "--", "python", "-m", "x"],
+                            capsys)
+    assert (code, out) == (0, ["GQLM_COORDINATOR_ADDRESS=10.1.2.3:1234 GQLM_NUM_PROCESSES=4 GQLM_PROCESS_ID=3 "
+                               "python -m x"])
+    code, _, err = run_main(multinode.main, base + ["--process_id", "4", "--", "python"], capsys)
+    assert code == 2 and len(err) == 1 and "GQLM_PROCESS_ID=4" in err[0]
+    code, _, err = run_main(multinode.main, ["--coordinator", "nohost", "--num_processes", "2", "--process_id", "0",
+                                             "--", "python"], capsys)
+    assert code == 2 and "host:port" in err[0]
+
+
+def test_local_environments():
+    envs = local.process_environments(3, 2, 4242, base={"XLA_FLAGS": "--xla_foo=1 "
+                                                        "--xla_force_host_platform_device_count=8", "A": "b"})
+    assert [e["GQLM_PROCESS_ID"] for e in envs] == ["0", "1", "2"]
+    for e in envs:
+        assert e["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
+        assert (e["GQLM_COORDINATOR_ADDRESS"], e["GQLM_NUM_PROCESSES"], e["A"]) == ("127.0.0.1:4242", "3", "b")
+
+
+def test_local_prefixes_output_and_stops_the_others_on_failure(tmp_path):
+    marker = tmp_path / "survived"
+    script = ("import os, sys, time\n"
+              "i = int(os.environ['GQLM_PROCESS_ID'])\n"
+              "print('hello from', i, os.environ['XLA_FLAGS'].split('=')[-1], flush=True)\n"
+              "if i == 1: sys.exit(7)\n"
+              f"time.sleep(60); open({str(marker)!r}, 'w').close()\n")
+    result = subprocess.run([sys.executable, "launch/local.py", "--num_processes", "3", "--devices_per_process", "2",
+                             "--", sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 7
+    assert sorted(result.stdout.splitlines()) == ["[0] hello from 0 2", "[1] hello from 1 2", "[2] hello from 2 2"]
+    assert "process 1 exited with code 7" in result.stderr
+    assert not marker.exists()  # processes 0 and 2 were stopped, not waited for

@@ -1,0 +1,130 @@
+"""The runner end to end on the real demo config (shrunk): sharding invariance, checkpoints, resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from gqlm import config as config_lib
+from gqlm import mesh as mesh_lib
+from gqlm.data.pipeline import make_train_iterator, to_global
+from gqlm.train import state as state_lib
+from gqlm.train.experiment import build_experiment, restore_trained
+from gqlm.train.loop import train
+from gqlm.train.step import make_train_step
+
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "tiny_cpu.py")
+
+
+def smoke_config(**overrides):
+    config = config_lib.load_experiment(EXPERIMENT + ":smoke")
+    return config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+def run_steps(config, num_steps):
+    """Losses and final params of `num_steps` train steps on the config's mesh."""
+    exp = build_experiment(config)
+    batches = make_train_iterator(exp.config, exp.tokenizer)
+    sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(exp.config.model, exp.tx, exp.config.seed, exp.shardings)
+        step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, exp.config, exp.token_bytes),
+                       in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None))
+        losses = []
+        for _ in range(num_steps):
+            state, metrics = step(state, to_global(next(batches), sharding))
+            losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state.params)
+
+
+def assert_trees_close(a, b, rtol):
+    """Per-tensor relative error ||x - y|| / ||y|| (Adam amplifies float noise in near-zero grads)."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), (np.linalg.norm(x - y), np.linalg.norm(y))
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
+def test_same_losses_and_params_on_every_mesh(mesh):
+    reference_losses, reference_params = run_steps(smoke_config(), 3)
+    data, fsdp, tensor = mesh
+    losses, params = run_steps(smoke_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}), 3)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    assert_trees_close(params, reference_params, rtol=1e-5)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    losses, params = run_steps(smoke_config(**{"train.grad_accum": 2}), 2)
+    reference_losses, reference_params = run_steps(smoke_config(), 2)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    assert_trees_close(params, reference_params, rtol=1e-5)
+
+
+def test_params_are_sharded_not_replicated():
+    exp = build_experiment(smoke_config(**{"mesh.data": 2, "mesh.fsdp": 4}))
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(exp.config.model, exp.tx, 0, exp.shardings)
+    sharded = [x for x in jax.tree.leaves(state.params) if x.ndim == 2]
+    assert sharded and all(len(x.addressable_shards) == 8 for x in sharded)
+    # An fsdp-sharded matrix: each device holds a quarter of it.
+    big = max(sharded, key=lambda x: x.size)
+    assert big.addressable_shards[0].data.size * 4 == big.size
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    config = smoke_config(**{"train.steps": 20, "train.log_every": 1, "train.checkpoint_every": 5,
+                             "train.sample_tokens": 0})
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train(config, straight)
+    train(config, interrupted, stop_at=10)
+    train(config, interrupted)
+    expected, resumed = read_losses(straight), read_losses(interrupted)
+    assert sorted(resumed) == list(range(1, 21))
+    assert [resumed[s] for s in range(11, 21)] == [expected[s] for s in range(11, 21)]
+
+
+def test_checkpoint_restores_on_another_mesh(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = smoke_config(**{"train.steps": 4, "train.checkpoint_every": 2, "train.sample_tokens": 0})
+    train(config, workdir)
+    _, step, state8 = restore_trained(workdir)
+    exp, step2, state_other = restore_trained(workdir, {"mesh.data": "2", "mesh.fsdp": "2", "mesh.tensor": "2"})
+    assert step == step2 == 4
+    assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert_trees_close(jax.device_get(state_other.params), jax.device_get(state8.params), rtol=0)
+
+
+def test_incompatible_checkpoint_names_the_parameter(tmp_path):
+    workdir = str(tmp_path / "run")
+    train(smoke_config(**{"train.steps": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}), workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(config_lib.ConfigError, match="incompatible model.*mlp"):
+        train(smoke_config(**{"train.steps": 4, "model.mlp_dim": 96}), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def unigram_entropy_bits_per_byte(texts):
+    counts = np.bincount(np.frombuffer("".join(texts).encode("utf-8", "surrogateescape"), np.uint8), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.slow
+def test_demo_learns_below_unigram_entropy(tmp_path):
+    from gqlm.data.corpora import load_documents
+    config = config_lib.load_experiment(EXPERIMENT)
+    config = config_lib.apply_overrides(config, {"train.steps": "150", "train.eval_every": "150",
+                                                 "train.sample_tokens": "0", "train.progress": "False"})
+    metrics = train(config, str(tmp_path / "demo"))
+    entropy = unigram_entropy_bits_per_byte(load_documents(config.data, "validation"))
+    assert 4.0 < entropy < 5.5
+    assert metrics["bpb"] < entropy - 1.0, (metrics, entropy)
