@@ -11,23 +11,13 @@ loss a little below tiny_cpu's; `max_load` and `router_entropy` in the logs show
 `get_config("smoke")` is the same experiment shrunk for tests.
 """
 
-import importlib.util
-import os
-
-
-def _tiny_cpu():
-    """experiments/tiny_cpu.py, loaded by path (experiment files are not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_cpu.py")
-    spec = importlib.util.spec_from_file_location("gqlm_experiment_tiny_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from gqlm.presets import tiny_cpu_experiment
 
 
 def get_config(arg: str = "") -> "ml_collections.ConfigDict":
     if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (known: smoke)")
-    config = _tiny_cpu().get_config(arg)
+    config = tiny_cpu_experiment(arg)
     e = config.model.moe
     e.num_experts = 8
     e.top_k = 2

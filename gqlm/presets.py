@@ -40,3 +40,37 @@ def dense_experiment(size: str) -> ConfigDict:
         config.data.seq_len = 2048
         config.data.batch_size = 512
     return config
+
+
+def tiny_cpu_experiment(variant: str = "") -> ConfigDict:
+    """The demo: a byte-level d128 x 4 LM on Shakespeare, 8-way data parallel. `smoke`: seconds-long."""
+    from gqlm.config import base_config
+    config = apply_dense(base_config(), "tiny")
+    config.data.corpus = "shakespeare"
+    config.data.tokenizer = "byte"
+    config.data.seq_len = 128
+    config.data.batch_size = 32
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 30
+    config.train.steps = 300
+    config.train.log_every = 10
+    config.train.eval_every = 100
+    config.train.eval_batches = 4
+    config.train.checkpoint_every = 100
+    config.mesh.data = 8
+    if variant == "smoke":  # Same code path, seconds instead of minutes.
+        config.model.num_layers = 2
+        config.model.embed_dim = 64
+        config.model.mlp_dim = 128
+        config.data.seq_len = 32
+        config.data.batch_size = 16
+        config.train.steps = 20
+        config.optimizer.warmup_steps = 2
+        config.train.eval_every = 10
+        config.train.checkpoint_every = 10
+        config.train.eval_batches = 2
+        config.train.sample_tokens = 16
+        config.train.progress = False
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} (known: smoke)")
+    return config
