@@ -26,12 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
-from gqlm import mesh as mesh_lib  # noqa: E402
-from gqlm.data.pipeline import make_train_iterator, to_global  # noqa: E402
-from gqlm.models.flops import flops_per_token  # noqa: E402
-from gqlm.train import state as state_lib  # noqa: E402
-from gqlm.train.experiment import build_experiment  # noqa: E402
-from gqlm.train.step import make_train_step  # noqa: E402
+from gqlm.train.timing import time_train_steps  # noqa: E402
 
 flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
@@ -67,28 +62,7 @@ def measure_training(experiment: str, overrides: dict[str, str], mesh: tuple[int
     data, fsdp, tensor = mesh
     config = config_lib.apply_overrides(config, {**overrides, "mesh.data": str(data), "mesh.fsdp": str(fsdp),
                                                  "mesh.tensor": str(tensor), "optimizer.warmup_steps": "1"})
-    exp = build_experiment(config)
-    cfg = exp.config
-    batches = make_train_iterator(cfg, exp.tokenizer)
-    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    with jax.set_mesh(exp.mesh):
-        state = state_lib.init_state(cfg.model, exp.tx, 0, exp.shardings)
-        step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
-                       in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None),
-                       donate_argnums=0)
-        data_batches = [to_global(next(batches), sharding) for _ in range(steps + 2)]
-        for batch in data_batches[:2]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for batch in data_batches[2:]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / steps
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    return {"step_time_s": seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
-            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-            "model_flops_per_s": tokens / seconds * flops_per_token(cfg.model, cfg.data.seq_len)}
+    return time_train_steps(config, steps)
 
 
 def launch_to_first_step(cache_dir: str) -> float:

@@ -11,9 +11,8 @@ from gqlm import config as config_lib
 from gqlm import mesh as mesh_lib
 from gqlm.data.pipeline import make_train_iterator, to_global
 from gqlm.train import state as state_lib
-from gqlm.train.experiment import build_experiment, restore_trained
+from gqlm.train.experiment import build_experiment, jit_train_step, restore_trained
 from gqlm.train.loop import train
-from gqlm.train.step import make_train_step
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "tiny_cpu.py")
 
@@ -30,8 +29,7 @@ def run_steps(config, num_steps):
     sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
     with jax.set_mesh(exp.mesh):
         state = state_lib.init_state(exp.config.model, exp.tx, exp.config.seed, exp.shardings)
-        step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, exp.config, exp.token_bytes),
-                       in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None))
+        step = jit_train_step(exp, donate=False)
         losses = []
         for _ in range(num_steps):
             state, metrics = step(state, to_global(next(batches), sharding))

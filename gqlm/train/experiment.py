@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from gqlm import config as config_lib
 from gqlm.config import ConfigDict, ConfigError
+from gqlm import mesh as mesh_lib
 from gqlm.mesh import make_mesh
 from gqlm.models.flops import count_params, flops_per_token
 from gqlm.optim.factory import make_optimizer
@@ -99,3 +100,12 @@ def restore_trained(workdir: str, overrides: dict[str, str] | None = None,
     with jax.set_mesh(exp.mesh):
         step, state = load_state(workdir, exp.abstract, step)
     return exp, step, state
+
+
+def jit_train_step(exp: Experiment, donate: bool = True):
+    """The experiment's train step, jitted with its state and batch shardings (state donated)."""
+    from gqlm.train.step import make_train_step
+    batch_sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
+    step = make_train_step(exp.model.graphdef, exp.tx, exp.schedule, exp.config, exp.token_bytes)
+    return jax.jit(step, in_shardings=(exp.shardings, batch_sharding), out_shardings=(exp.shardings, None),
+                   donate_argnums=0 if donate else ())

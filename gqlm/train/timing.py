@@ -1,0 +1,43 @@
+"""Step timing for benchmarks: the real jitted train step of an experiment, on its mesh.
+
+Warm-up steps (compilation, first-touch allocation) are excluded; the batches are assembled
+before the clock starts, so the figure is device time per step, not input-pipeline time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from gqlm import mesh as mesh_lib
+from gqlm.config import ConfigDict
+from gqlm.data.pipeline import make_train_iterator, to_global
+from gqlm.models.flops import flops_per_token
+from gqlm.train import state as state_lib
+from gqlm.train.experiment import build_experiment, jit_train_step
+
+
+def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Seconds per train step, tokens/s and model FLOP/s of `config` (after `warmup` steps)."""
+    exp = build_experiment(config)
+    cfg = exp.config
+    batches = make_train_iterator(cfg, exp.tokenizer)
+    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
+        step = jit_train_step(exp)
+        data = [to_global(next(batches), sharding) for _ in range(steps + warmup)]
+        for batch in data[:warmup]:
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for batch in data[warmup:]:
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    return {"step_time_s": seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
+            "flops_per_token": flops, "model_flops_per_s": tokens / seconds * flops,
+            "final_loss": float(metrics["loss"])}
