@@ -22,10 +22,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
+from gqlm.train.metrics import measure_matmul_peak  # noqa: E402
 from gqlm.train.timing import time_train_steps  # noqa: E402
 
 flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
@@ -40,21 +40,6 @@ MODELS = {
                                                    "data.corpus": "shakespeare"}),
 }
 MESHES = [(8, 1, 1), (2, 4, 1)]
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of an n^3 fp32 matmul sharded over all devices (rows over devices)."""
-    mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    a = jax.device_put(jnp.ones((n * jax.device_count(), n), jnp.float32),
-                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    b = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, b).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        matmul(a, b).block_until_ready()
-    seconds = (time.perf_counter() - start) / repeats
-    return 2 * n * n * n * jax.device_count() / seconds
 
 
 def measure_training(experiment: str, overrides: dict[str, str], mesh: tuple[int, int, int], steps: int) -> dict:

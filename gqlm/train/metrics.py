@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets, keyed by a substring of device_kind.
@@ -21,11 +22,30 @@ PEAK_FLOPS = {
 
 
 def device_peak_flops(override: float = 0.0) -> float | None:
-    """Peak FLOP/s of one device; None where unknown (CPU: measure it, see benchmarks/)."""
+    """Peak FLOP/s of one device: the override, the datasheet, or (CPU) a matmul measured now."""
     if override:
         return override
     kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    known = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    if known is None and jax.devices()[0].platform == "cpu":
+        return measure_matmul_peak(n=1024, repeats=3) / jax.device_count()
+    return known
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an fp32 [n*devices, n] x [n, n] matmul with rows sharded over all local devices."""
+    mesh = jax.make_mesh((jax.local_device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.local_devices())
+    a = jax.device_put(jnp.ones((n * jax.local_device_count(), n), jnp.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    b = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a, b).block_until_ready()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * n * n * n * jax.local_device_count() / seconds
 
 
 class MetricWriter:
