@@ -6,13 +6,13 @@ Only process 0 writes; every other process gets a writer that drops everything.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets, keyed by a substring of device_kind.
 PEAK_FLOPS = {
@@ -56,9 +56,10 @@ class MetricWriter:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        os.makedirs(workdir, exist_ok=True)
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        root = epath.Path(workdir)  # Local paths and gs:// buckets alike (pod workdirs).
+        root.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(str(root / "tensorboard"))
+        self.jsonl = (root / "metrics.jsonl").open("a")
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
