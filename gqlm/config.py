@@ -18,6 +18,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+SYNTHETIC_TASKS = ("copy", "recall", "parity", "addition")  # gqlm/data/synthetic.py
 
 # Logical axis -> mesh axes. Changing parallelism is an edit of this table (or the mesh sizes).
 DEFAULT_RULES = (
@@ -78,7 +79,7 @@ def base_config() -> ConfigDict:
     e.z_loss_weight = 0.001
 
     c.data = d = ConfigDict()
-    d.corpus = "shakespeare"  # shakespeare | python_stdlib | text_files
+    d.corpus = "shakespeare"  # shakespeare | python_stdlib | text_files | synthetic:TASK (SYNTHETIC_TASKS)
     d.glob = ""  # files for corpus=text_files
     d.data_dir = ""  # tfds data dir; "" = ~/.cache/gqlm/tfds
     d.tokenizer = "byte"  # byte | bpe:DIR | gqvae:DIR
@@ -86,6 +87,12 @@ def base_config() -> ConfigDict:
     d.batch_size = 32  # global, across all processes
     d.worker_count = 0  # grain worker processes; 0 = in-process
     d.num_epochs = 1000  # the training stream repeats (reshuffled) this many times
+    # Synthetic tasks (data.corpus="synthetic:TASK", gqlm/data/synthetic.py): train/validation
+    # examples have lengths drawn uniformly from [min_len, max_len]; evaluation picks its own.
+    d.synthetic_min_len = 1
+    d.synthetic_max_len = 8
+    d.synthetic_seed = 0  # the example stream and parity's secret positions
+    d.synthetic_parity_k = 3  # k of k-sparse parity (secret positions < synthetic_min_len)
 
     c.optimizer = o = ConfigDict()
     o.name = "adamw"  # adamw | lion | signum | adafactor | sgd | adalayer | soap
@@ -118,6 +125,7 @@ def base_config() -> ConfigDict:
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
     t.keep_every = 0  # also keep every N-th step's checkpoint forever; 0 disables
+    t.verify_checkpoints = True  # per-file CRC-32 manifest written after each save, checked at restore
     t.sample_tokens = 200  # text sampled at the end; 0 disables
     t.sample_prompt = "\n"
     t.nonfinite = "skip"  # skip | stop
@@ -294,12 +302,20 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     _check(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")  # before it divides below
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
     _check(d.batch_size % (batch_shards * t.grad_accum) == 0,
            f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
            f"{batch_shards} x train.grad_accum={t.grad_accum}")
-    _check(d.corpus in ("shakespeare", "python_stdlib", "text_files"),
-           f"data.corpus={d.corpus!r} must be one of shakespeare, python_stdlib, text_files")
+    corpora = ("shakespeare", "python_stdlib", "text_files") + tuple(f"synthetic:{k}" for k in SYNTHETIC_TASKS)
+    _check(d.corpus in corpora, f"data.corpus={d.corpus!r} must be one of {', '.join(corpora)}")
+    if d.corpus.startswith("synthetic:"):
+        _check(1 <= d.synthetic_min_len <= d.synthetic_max_len,
+               f"data.synthetic_min_len={d.synthetic_min_len} and data.synthetic_max_len="
+               f"{d.synthetic_max_len} must satisfy 1 <= min_len <= max_len")
+        _check(d.corpus != "synthetic:parity" or 1 <= d.synthetic_parity_k <= d.synthetic_min_len,
+               f"data.synthetic_parity_k={d.synthetic_parity_k} must lie in [1, data.synthetic_min_len="
+               f"{d.synthetic_min_len}]")
     _check(d.corpus != "text_files" or bool(d.glob), "data.glob must be set when data.corpus='text_files'")
     _check(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     for key in ("b1", "b2"):
@@ -308,7 +324,6 @@ def validate(config: ConfigDict, num_devices: int) -> None:
            f"optimizer.precondition_frequency={o.precondition_frequency} must be >= 1")
     _check(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     _check(t.steps > 0, f"train.steps={t.steps} must be positive")
-    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _check(t.nonfinite in ("skip", "stop"), f"train.nonfinite={t.nonfinite!r} must be skip or stop")
     for key in ("log_every", "eval_every", "checkpoint_every"):
         _check(t[key] > 0, f"train.{key}={t[key]} must be positive")

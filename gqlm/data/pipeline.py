@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from gqlm.config import ConfigDict, ConfigError
-from gqlm.data import corpora, packing
+from gqlm.data import corpora, packing, synthetic
 from gqlm.tokenizers.base import Tokenizer
 
 _ENCODE_CHUNK = 32  # documents per encode_batch call
@@ -112,6 +112,8 @@ def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, process_index:
     """Host-local batches `[batch_size / process_count, seq_len]`, forever-ish (data.num_epochs)."""
     d = config.data
     lo, hi = _process_slice(d.batch_size, process_index, process_count)
+    if synthetic.is_synthetic(d.corpus):
+        return synthetic.make_train_iterator(config, tokenizer, lo, hi)
     stream = _checked_stream(config, tokenizer, "train")
     num_rows = packing.num_full_rows(len(stream), d.seq_len)
     ds = grain.MapDataset.range(num_rows).shuffle(seed=config.seed).repeat(d.num_epochs)
@@ -130,6 +132,8 @@ def make_eval_batches(config: ConfigDict, tokenizer: Tokenizer, split: str = "va
     Rows past the end of the split are padding (loss_mask 0); a short split gives fewer batches."""
     d = config.data
     lo, hi = _process_slice(d.batch_size, process_index, process_count)
+    if synthetic.is_synthetic(d.corpus):
+        return synthetic.make_eval_batches(config, tokenizer, split, num_batches, lo, hi)
     stream = _checked_stream(config, tokenizer, split)
     a = stream.array
     num_rows = packing.num_rows_covering(len(stream), d.seq_len)

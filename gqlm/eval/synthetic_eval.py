@@ -1,0 +1,128 @@
+"""Per-length accuracy of a model on its synthetic task. B batch, T length, V vocab.
+
+An example is correct when every answer token is the argmax of the teacher-forced logits (exact
+match). Evaluation rows hold examples of one fixed length n, from a stream disjoint from training.
+
+    python -m gqlm.eval.synthetic_eval --workdir DIR [--lengths 8,16,32] [--batches 2] [--out F.json]
+
+Default lengths: min_len, max_len, 2 x max_len, 4 x max_len (train length L, test up to 4L).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from gqlm import cli
+from gqlm import mesh as mesh_lib
+from gqlm.config import ConfigError
+from gqlm.data import synthetic
+
+
+def exact_match(correct_BT: np.ndarray, loss_mask_BT: np.ndarray, segment_ids_BT: np.ndarray
+                ) -> tuple[int, int]:
+    """(correct examples, examples): an example is the answer tokens of one (row, segment)."""
+    answer = loss_mask_BT > 0
+    key_BT = np.arange(answer.shape[0])[:, None] * (segment_ids_BT.max() + 1) + segment_ids_BT
+    examples = np.unique(key_BT[answer])
+    wrong = np.unique(key_BT[answer & ~correct_BT.astype(bool)])
+    return len(examples) - len(wrong), len(examples)
+
+
+def make_correct_fn(graphdef: nnx.GraphDef):
+    def correct(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        logits_BTV, _ = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
+    return correct
+
+
+def default_lengths(data_cfg) -> list[int]:
+    lo, hi = int(data_cfg.synthetic_min_len), int(data_cfg.synthetic_max_len)
+    return sorted({lo, hi, 2 * hi, 4 * hi})
+
+
+def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: int = 2) -> dict[int, dict[str, float]]:
+    """{n: {accuracy, token_accuracy, examples}} for every length n (call under `jax.set_mesh`)."""
+    cfg = exp.config
+    if not synthetic.is_synthetic(cfg.data.corpus):
+        raise ConfigError(f"data.corpus={cfg.data.corpus!r} is not a synthetic task (synthetic:TASK)")
+    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    correct_fn = jax.jit(make_correct_fn(exp.model.graphdef))
+    lo, hi = _process_rows(cfg.data.batch_size)
+    results = {}
+    for n in lengths:
+        if n < 1:
+            raise ConfigError(f"length {n} must be >= 1")
+        hits = count = tokens_right = tokens = 0
+        for batch in synthetic.length_batches(cfg, exp.tokenizer, n, num_batches, lo, hi):
+            global_batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+            correct_BT = np.asarray(jax.device_get(_local(correct_fn(params, global_batch))))
+            h, c = exact_match(correct_BT, batch["loss_mask"], batch["segment_ids"])
+            hits, count = hits + h, count + c
+            tokens_right += int((correct_BT & (batch["loss_mask"] > 0)).sum())
+            tokens += int((batch["loss_mask"] > 0).sum())
+        results[n] = {"accuracy": hits / max(count, 1), "token_accuracy": tokens_right / max(tokens, 1),
+                      "examples": count}
+    return results
+
+
+def _process_rows(batch_size: int) -> tuple[int, int]:
+    p, n = jax.process_index(), jax.process_count()
+    return p * batch_size // n, (p + 1) * batch_size // n
+
+
+def _local(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return x
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for s in shards:
+        if (s.index[0].start or 0) not in seen:
+            seen.add(s.index[0].start or 0)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def define_flags() -> None:
+    """Flags of the command (defined only when run, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "A training workdir of a synthetic-task run.")
+    flags.DEFINE_list("lengths", [], "Input lengths to evaluate (default: min, max, 2max, 4max).")
+    flags.DEFINE_integer("batches", 2, "Batches (of data.batch_size rows) per length.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_string("out", None, "Also write the results as JSON here.")
+
+
+def main(argv: list[str]) -> None:
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir:
+        cli.fail("--workdir is required")
+    from gqlm.train.experiment import restore_trained
+    try:
+        lengths = [int(n) for n in FLAGS.lengths]
+    except ValueError:
+        cli.fail(f"--lengths={','.join(FLAGS.lengths)} must be integers")
+    exp, step, state = restore_trained(FLAGS.workdir, cli.overrides(), FLAGS.step)
+    with jax.set_mesh(exp.mesh):
+        results = accuracy_by_length(exp, state.params, lengths or default_lengths(exp.config.data), FLAGS.batches)
+    if jax.process_index() == 0:
+        out = {"step": step, "corpus": exp.config.data.corpus, "position": exp.config.model.position,
+               "train_lengths": [exp.config.data.synthetic_min_len, exp.config.data.synthetic_max_len],
+               "by_length": results}
+        print(json.dumps(out))
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,143 @@
+"""Per-document loss of a checkpoint on a corpus split, for data selection (gqlm/data/selection.py).
+
+    python -m gqlm.score --workdir CKPT --split train --out scores.parquet \
+        [--config.data.corpus=text_files --config.data.glob='data/*.txt'] [--batches N]
+
+Writes one row per document: `doc` (index in the split), `name`, `nats` (summed target
+cross-entropy), `bytes` (UTF-8 bytes of the targets) and `tokens`, as Parquet (pyarrow, which
+tensorflow-datasets already installs); the file's metadata records the corpus, split, tokenizer
+and checkpoint so `selection` can check two score files describe the same documents.
+
+Documents are scored as the runner evaluates them: the split's `[bos] doc [eos]` stream cut into
+rows of data.seq_len (a document crossing a row boundary loses its context there), every target
+scored exactly once and credited to the document it belongs to; the BOS of each document is not a
+target. The data may come from another corpus than training (overrides), never another tokenizer.
+Single-process (one host, any number of local devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from absl import flags
+from flax import nnx
+
+from gqlm import cli
+from gqlm.config import ConfigDict, ConfigError, apply_overrides
+from gqlm.data import corpora, packing, pipeline, synthetic
+
+COLUMNS = ("doc", "name", "nats", "bytes", "tokens")
+
+
+def checked_config(workdir: str, overrides: dict[str, str]) -> ConfigDict:
+    """The checkpoint's config with data overrides; a tokenizer other than the checkpoint's is an error."""
+    from gqlm.train.checkpoint import load_config
+    saved = load_config(workdir)
+    config = apply_overrides(load_config(workdir), overrides)
+    if config.data.tokenizer != saved.data.tokenizer:
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} differs from the tokenizer of the checkpoint in "
+                          f"{workdir!r} ({saved.data.tokenizer!r}); scores are only defined under the model's own tokenizer")
+    if synthetic.is_synthetic(config.data.corpus):
+        raise ConfigError(f"data.corpus={config.data.corpus!r}: synthetic tasks have no documents to score")
+    return config
+
+
+def make_token_loss_fn(graphdef: nnx.GraphDef, token_bytes_V: jax.Array):
+    """Per-token masked cross-entropy (nats) and target bytes, `[B, T]` each."""
+    def token_loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits_BTV, _ = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+        return ce_BT * batch["loss_mask"], token_bytes_V[batch["targets"]] * batch["loss_mask"]
+    return token_loss
+
+
+def score_documents(exp, params: Any, split: str, max_batches: int | None = None) -> dict[str, np.ndarray]:
+    """{nats, bytes, tokens} per document of `split` (call under `jax.set_mesh(exp.mesh)`)."""
+    if jax.process_count() > 1:
+        raise ConfigError("gqlm.score runs on one process (it reads every document on this host)")
+    cfg = exp.config
+    tokens, doc_ids = pipeline.token_stream(cfg.data, exp.tokenizer, split).array
+    T, B = cfg.data.seq_len, cfg.data.batch_size
+    num_docs = int(doc_ids.max()) + 1 if len(doc_ids) else 0
+    num_rows = packing.num_rows_covering(len(tokens), T)
+    num_batches = -(-num_rows // B) if max_batches is None else min(max_batches, -(-num_rows // B))
+    token_loss = jax.jit(make_token_loss_fn(exp.model.graphdef, exp.token_bytes))
+    from gqlm import mesh as mesh_lib
+    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    out = {k: np.zeros(num_docs) for k in ("nats", "bytes", "tokens")}
+    for b in range(num_batches):
+        rows = b * B + np.arange(B)
+        rows = np.where(rows < num_rows, rows, -1)
+        batch = packing.pack_rows(tokens, doc_ids, rows, T, exp.tokenizer.pad_id)
+        ce_BT, bytes_BT = jax.device_get(token_loss(params, pipeline.to_global(batch, sharding)))
+        # The document of the target at (row r, position t) is that of stream token r*T + t + 1.
+        idx_BT = np.clip(rows[:, None] * T + np.arange(T)[None, :] + 1, 0, len(tokens) - 1)
+        mask = batch["loss_mask"] > 0
+        doc = np.asarray(doc_ids)[idx_BT[mask]]
+        out["nats"] += np.bincount(doc, np.asarray(ce_BT)[mask], num_docs)
+        out["bytes"] += np.bincount(doc, np.asarray(bytes_BT)[mask], num_docs)
+        out["tokens"] += np.bincount(doc, None, num_docs)
+    return out
+
+
+def write_scores(path: str, scores: dict[str, np.ndarray], names: list[str], meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"doc": np.arange(len(names)), "name": names, "nats": scores["nats"],
+                      "bytes": scores["bytes"].astype(np.int64), "tokens": scores["tokens"].astype(np.int64)})
+    table = table.replace_schema_metadata({"gqlm": json.dumps(meta)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def read_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(columns, metadata) of a score file; a missing or foreign file is a one-line error."""
+    import pyarrow.parquet as pq
+    if not os.path.isfile(path):
+        raise ConfigError(f"score file {path!r} does not exist")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"gqlm"])
+    except Exception as e:  # not parquet, or not written by gqlm.score
+        raise ConfigError(f"{path!r} is not a gqlm.score file ({type(e).__name__})")
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}, meta
+
+
+def define_flags() -> None:
+    """Flags of the command (defined only when run, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint scores the documents.")
+    flags.DEFINE_string("split", "train", "Corpus split to score: train or validation.")
+    flags.DEFINE_string("out", None, "Output Parquet file.")
+    flags.DEFINE_integer("batches", None, "Score only the first N batches (default: the whole split).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def main(argv: list[str]) -> None:
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir or not FLAGS.out:
+        cli.fail("--workdir and --out are required")
+    from gqlm.train.checkpoint import load_state
+    from gqlm.train.experiment import build_experiment
+    exp = build_experiment(checked_config(FLAGS.workdir, cli.overrides()))
+    with jax.set_mesh(exp.mesh):
+        step, state = load_state(FLAGS.workdir, exp.abstract, FLAGS.step)
+        scores = score_documents(exp, state.params, FLAGS.split, FLAGS.batches)
+    docs = corpora.load_documents(exp.config.data, FLAGS.split)
+    d = exp.config.data
+    meta = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "split": FLAGS.split, "corpus": d.corpus,
+            "glob": d.glob, "data_dir": d.data_dir, "tokenizer": d.tokenizer,
+            "tokenizer_fingerprint": exp.tokenizer.fingerprint(),
+            "corpus_fingerprint": corpora.corpus_fingerprint(d, FLAGS.split)}
+    write_scores(FLAGS.out, scores, [docs.name(i) for i in range(len(docs))], meta)
+    total = scores["nats"].sum() / max(scores["bytes"].sum(), 1) / np.log(2)
+    print(json.dumps({"out": FLAGS.out, "documents": len(docs), "bpb": float(total), "step": step}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
