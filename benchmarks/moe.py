@@ -1,13 +1,16 @@
-"""MoE throughput: dense MLP vs MoE at matched active FLOPs, dropless vs capacity, expert axis 1/4/8.
+"""MoE throughput and quality: dense vs MoE at matched active FLOPs, dropless vs capacity, expert axis 1/4/8.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/moe.py [--steps 5]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/moe.py [--steps 5] [--bpb_steps 100]
 
-Two sections, each timed after warm-up on the same 8 (fake CPU) devices:
+Three sections, all in one run on the same 8 (fake CPU) devices, so the ratios are comparable:
 1. layer: forward + backward of one MLP layer on B x T tokens (jitted, params sharded by the
    rules table): the dense SwiGLU of width F, and 8 experts of width F/2 with top-2 routing (the
    same active FLOPs), for each dispatch/backend and mesh (data=8/G, expert=G).
 2. train: a full train step (AdamW) of experiments/tiny_cpu.py vs experiments/moe_tiny_cpu.py.
-Prints tables and writes benchmarks/results/moe.json. Numbers are only comparable within a run.
+3. quality: validation bits per byte of both after the same number of steps (same tokens, same
+   active FLOPs per token, so the same training compute), via gqlm.train.loop.train.
+Prints markdown tables (ratio = step time / the dense model's; target <= 1.5) and writes
+benchmarks/results/moe.json. Timings are means after 2 warm-up steps.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import json  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run as a script
@@ -33,23 +37,29 @@ from gqlm.data.pipeline import make_train_iterator, to_global  # noqa: E402
 from gqlm.models.layers import Mlp  # noqa: E402
 from gqlm.models.moe import MoeMLP  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
-from gqlm.train.experiment import build_experiment  # noqa: E402
+from gqlm.models.flops import flops_per_token  # noqa: E402
+from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
+from gqlm.train.experiment import build_experiment, resolve_vocab  # noqa: E402
 from gqlm.train.step import make_train_step  # noqa: E402
 
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_integer("tokens", 8192, "Tokens per layer-benchmark batch (B x T, T = 256).")
 flags.DEFINE_bool("train", True, "Also time full train steps of the tiny experiments.")
+flags.DEFINE_integer("bpb_steps", 100, "Training steps of the dense-vs-MoE quality runs; 0 skips them.")
 flags.DEFINE_string("out", "benchmarks/results/moe.json", "JSON output.")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-EXPERTS = (1, 4, 8)
-LAYER_CASES = [  # (name, moe overrides or None for the dense MLP)
-    ("dense_mlp", None),
-    ("moe_dropless_dense", dict(dispatch="dropless", backend="dense")),
-    ("moe_dropless_ragged", dict(dispatch="dropless", backend="ragged")),
-    ("moe_capacity_1.25", dict(dispatch="capacity", capacity_factor=1.25)),
+TARGET_RATIO = 1.5
+LAYER_CASES = [  # (name, moe overrides or None for the dense MLP, expert axis sizes)
+    ("dense_mlp", None, (1,)),
+    ("moe_dropless_dense", dict(dispatch="dropless", backend="dense"), (1, 4, 8)),
+    ("moe_capacity_1.25", dict(dispatch="capacity", capacity_factor=1.25), (1, 4, 8)),
+    ("moe_dropless_ragged", dict(dispatch="dropless", backend="ragged"), (1,)),
 ]
+TRAIN_CASES = [("dense", "experiments/tiny_cpu.py", None, 1)] + [
+    (f"moe_{dispatch}", "experiments/moe_tiny_cpu.py", dispatch, expert)
+    for dispatch in ("dropless", "capacity") for expert in (1, 4, 8)]
 
 
 def timed(fn, *args, steps: int) -> float:
@@ -126,37 +136,88 @@ def measure_training(experiment: str, overrides: dict[str, str], steps: int) -> 
     return {"step_time_s": seconds, "tokens_per_s": tokens / seconds}
 
 
+def measure_quality(experiment: str, steps: int) -> dict:
+    """Validation loss and bpb after `steps` steps of the experiment (short schedule, no samples)."""
+    from gqlm.train.loop import train
+    config = config_lib.load_experiment(os.path.join(ROOT, experiment))
+    overrides = {"train.steps": steps, "train.eval_every": steps, "train.checkpoint_every": steps,
+                 "train.log_every": max(1, steps // 5), "train.sample_tokens": 0, "train.progress": False,
+                 "optimizer.warmup_steps": max(1, steps // 10)}
+    config = config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        metrics = train(config, workdir)
+        seconds = time.perf_counter() - start
+    cfg = resolve_vocab(config, load_tokenizer(config.data.tokenizer)).model
+    return {"validation_loss": metrics["loss"], "validation_bpb": metrics["bpb"], "steps": steps,
+            "tokens": steps * config.data.batch_size * config.data.seq_len,
+            "train_flops_per_token": flops_per_token(cfg, config.data.seq_len), "wall_s": seconds}
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (header, key, format)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[k], f) for _, k, f in columns) + " |")
+    return "\n".join(lines)
+
+
+def with_ratio(rows: list[dict], baseline: dict) -> list[dict]:
+    for row in rows:
+        row["ratio_vs_dense"] = row["step_time_s"] / baseline["step_time_s"]
+        row["meets_target"] = bool(row["ratio_vs_dense"] <= TARGET_RATIO)
+    return rows
+
+
+TIME_COLUMNS = [("case", "case", "s"), ("expert axis", "expert", "d"), ("step ms", "step_ms", ".0f"),
+                ("tokens/s", "tokens_per_s", ",.0f"), ("x dense", "ratio_vs_dense", ".2f")]
+
+
 def main(argv):
     del argv
     results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
-               "layer_tokens": FLAGS.tokens, "layer": [], "train": []}
-    print(f"layer fwd+bwd, {FLAGS.tokens} tokens, D=256: dense F=1024 vs 8 experts F=512 top-2")
-    print(f"{'case':<22} {'expert':>6} {'step ms':>9} {'tok/s':>9} {'dropped':>8}")
-    for name, moe in LAYER_CASES:
-        for expert in EXPERTS:
+               "layer_tokens": FLAGS.tokens, "target_ratio": TARGET_RATIO, "layer": [], "train": [],
+               "quality": []}
+    for name, moe, experts in LAYER_CASES:
+        for expert in experts:
             row = measure_layer(moe, expert, FLAGS.steps)
-            row.update(case=name, expert=expert)
+            row.update(case=name, expert=expert, step_ms=row["step_time_s"] * 1e3)
             results["layer"].append(row)
-            print(f"{name:<22} {expert:>6} {row['step_time_s'] * 1e3:>9.1f} {row['tokens_per_s']:>9.0f} "
-                  f"{row['drop_fraction']:>8.3f}")
+            print(f"layer {name} expert={expert}: {row['step_ms']:.0f} ms", flush=True)
+    with_ratio(results["layer"], results["layer"][0])
     if FLAGS.train:
-        print("\ntrain step (AdamW), tiny_cpu vs moe_tiny_cpu (4 layers, d128, 4096 tokens/step)")
-        print(f"{'case':<22} {'expert':>6} {'step ms':>9} {'tok/s':>9}")
-        cases = [("dense", "experiments/tiny_cpu.py", {"mesh.data": "8"}, 1)]
-        for dispatch in ("dropless", "capacity"):
-            for expert in EXPERTS:
-                cases.append((f"moe_{dispatch}", "experiments/moe_tiny_cpu.py",
-                              {"model.moe.dispatch": dispatch, "mesh.data": str(8 // expert),
-                               "mesh.expert": str(expert)}, expert))
-        for name, experiment, overrides, expert in cases:
+        for name, experiment, dispatch, expert in TRAIN_CASES:
+            overrides = {"mesh.data": str(8 // expert), "mesh.expert": str(expert)}
+            if dispatch:
+                overrides["model.moe.dispatch"] = dispatch
             row = measure_training(experiment, overrides, FLAGS.steps)
-            row.update(case=name, expert=expert)
+            row.update(case=name, expert=expert, step_ms=row["step_time_s"] * 1e3)
             results["train"].append(row)
-            print(f"{name:<22} {expert:>6} {row['step_time_s'] * 1e3:>9.1f} {row['tokens_per_s']:>9.0f}")
+            print(f"train {name} expert={expert}: {row['step_ms']:.0f} ms", flush=True)
+        with_ratio(results["train"], results["train"][0])
+    if FLAGS.bpb_steps:
+        for name, experiment in (("dense", "experiments/tiny_cpu.py"), ("moe", "experiments/moe_tiny_cpu.py")):
+            row = measure_quality(experiment, FLAGS.bpb_steps)
+            row["case"] = name
+            results["quality"].append(row)
+            print(f"quality {name}: bpb {row['validation_bpb']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+
+    print(f"\n### MoE layer, forward + backward ({FLAGS.tokens} tokens, D=256; dense F=1024 vs "
+          f"8 experts F=512 top-2)\n")
+    print(table(results["layer"], TIME_COLUMNS + [("dropped", "drop_fraction", ".4f")]))
+    if results["train"]:
+        print("\n### Train step (AdamW): tiny_cpu vs moe_tiny_cpu (4 layers, d128, 4096 tokens/step)\n")
+        print(table(results["train"], TIME_COLUMNS))
+    if results["quality"]:
+        print(f"\n### Validation after {FLAGS.bpb_steps} steps (same tokens, same active FLOPs per token)\n")
+        print(table(results["quality"], [("model", "case", "s"), ("train FLOPs/token", "train_flops_per_token", ".3g"),
+                                         ("val loss", "validation_loss", ".4f"), ("val bpb", "validation_bpb", ".4f"),
+                                         ("wall s", "wall_s", ".0f")]))
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote {FLAGS.out}")
+    print(f"\nwrote {FLAGS.out}")
 
 
 if __name__ == "__main__":

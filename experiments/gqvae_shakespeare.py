@@ -7,7 +7,8 @@
 Trains the GQ-VAE for `train.steps` steps on the train split and saves the checkpoint to --workdir;
 `gqlm.tokenize` then builds an N-id tokenizer from it (`data.tokenizer=gqvae:workdirs/gqvae_1k`).
 One 4096-code model serves the 1k and 4k vocabularies (the most used codes' strings fill them).
-Measured on the shared 2-core CPU: 800 steps at ~0.7-1.2 s/step, 10-15 min per model; see
+Measured on the shared 2-core CPU (load ~10-20 from other jobs): 400 steps of 128 pieces, ~15 min
+per model, far from the paper's budget; see
 benchmarks/results/tokenizers.json for what the tokenizers reach.
 
 Variants: `:vqvae` is the paper's VQ-VAE baseline (same model, a token end every 4 bytes);
@@ -29,12 +30,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     q.gater_layers = 2
     q.mlp_dim = 256
     q.codebook_size = 4096
-    q.batch_size = 256
+    q.batch_size = 128
     q.learning_rate = 1e-3
     # The paper's 500 warm-up steps / 250-step re-seeding, scaled to this short CPU budget.
-    q.warmup_steps = 200
-    q.reseed_every = 100
-    config.train.steps = 800
+    q.warmup_steps = 100
+    q.reseed_every = 50
+    config.train.steps = 400
     config.train.log_every = 50
     if arg == "vqvae":
         q.fixed_gate_every = 4

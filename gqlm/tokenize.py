@@ -2,6 +2,7 @@
 
     python -m gqlm.tokenize --kind bpe --corpus shakespeare --vocab_size 4096 --out /tmp/bpe4k
     python -m gqlm.tokenize --kind bpe --corpus text_files --glob 'notes/**/*.md' --out /tmp/bpe
+    python -m gqlm.tokenize --kind gqvae --checkpoint workdirs/gqvae --vocab_size 1024 --out /tmp/gq1k
 
 The result is used with `--config.data.tokenizer=bpe:/tmp/bpe4k`. New kinds register a builder
 in `BUILDERS`: `fn(train_docs, flags) -> Tokenizer` that trains and saves to `--out`.
@@ -25,6 +26,7 @@ _GLOB = flags.DEFINE_string("glob", "", "files for --corpus=text_files")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data dir ('' = ~/.cache/gqlm/tfds)")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "total vocabulary size, specials included")
 _OUT = flags.DEFINE_string("out", None, "output directory of the tokenizer")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "--kind=gqvae: a trained GQ-VAE workdir")
 
 
 def build_bpe(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
@@ -32,8 +34,17 @@ def build_bpe(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
     return train_bpe(train_docs, fl.vocab_size, fl.out)
 
 
-# kind -> builder; another module may add e.g. BUILDERS["gqvae"] = build_gqvae.
-BUILDERS: dict[str, Callable[[Sequence[str], flags.FlagValues], Tokenizer]] = {"bpe": build_bpe}
+def build_gqvae(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
+    """Vocabulary from a trained GQ-VAE (`gqlm.tokenizers.gqvae.train`), built on `train_docs`."""
+    from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
+    if not fl.checkpoint:
+        raise ConfigError("--kind=gqvae needs --checkpoint=DIR (a trained GQ-VAE workdir)")
+    return build_gqvae_tokenizer(fl.checkpoint, fl.vocab_size, train_docs, fl.out)
+
+
+# kind -> builder: fn(train_docs, flags) -> Tokenizer, saved to --out.
+BUILDERS: dict[str, Callable[[Sequence[str], flags.FlagValues], Tokenizer]] = {
+    "bpe": build_bpe, "gqvae": build_gqvae}
 
 
 def bytes_per_token(tokenizer: Tokenizer, docs: Sequence[str]) -> float:
@@ -54,9 +65,9 @@ def main(argv: Sequence[str]) -> None:
     try:
         train = corpora.load_documents(data, "train")
         validation = corpora.load_documents(data, "validation")
+        tokenizer = BUILDERS[_KIND.value](train[:], flags.FLAGS)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    tokenizer = BUILDERS[_KIND.value](train[:], flags.FLAGS)
     print(f"{_KIND.value} tokenizer: vocab_size={tokenizer.vocab_size}, saved to {_OUT.value}")
     print(f"validation bytes/token: {bytes_per_token(tokenizer, validation[:]):.3f} "
           f"({len(validation)} documents of {data.corpus})")

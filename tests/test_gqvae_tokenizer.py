@@ -127,3 +127,24 @@ def test_cache_is_bounded(built, monkeypatch):
     text = random_texts(3, 1)[0] + TEXTS[1]
     assert tok.decode(tok.encode(text)) == text and len(tok._cache) == 3
     assert tok.encode(text) == GQVAETokenizer.load(out).encode(text)
+
+
+def test_segments_missing_from_the_vocabulary_use_longest_prefixes(built):
+    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    _, _, tok = built
+    graphdef, params = split_params(make_model(tok.cfg))
+    custom = GQVAETokenizer(tok.cfg, graphdef, params, [b"th", b"the", b"at"])
+    th, the, at = 259, 260, 261
+    assert custom._spell(b"theat") == [the, at]
+    assert custom._spell(b"thxat") == [th, ord("x"), at]
+    assert custom._spell(b"xt") == [ord("x"), ord("t")]
+    assert custom._spell(b"") == []
+
+
+def test_build_many_matches_single_builds(built):
+    ckpt, _, tok = built
+    many = GQVAETokenizer.build_many(ckpt, [VOCAB - 2, VOCAB, 100_000], TEXTS, strict=False)
+    assert many[VOCAB].tokens == tok.tokens and many[VOCAB - 2].tokens == tok.tokens[:-2]
+    assert isinstance(many[100_000], ConfigError) and "vocab_size=100000" in str(many[100_000])
+    with pytest.raises(ConfigError, match="vocab_size=100000"):
+        GQVAETokenizer.build_many(ckpt, [VOCAB, 100_000], TEXTS)

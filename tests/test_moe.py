@@ -173,18 +173,47 @@ def random_weights(seed, e=E, d=D, f=F):
                             jax.random.normal(ks[2], (e, f, d)) / f**0.5)
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 3])
-def test_blocked_equals_ragged_and_row_loop(rows_per_block):
+def test_ragged_equals_row_loop():
     w = random_weights(0)
     group_sizes = jnp.array([5, 0, 7, 2], jnp.int32)  # an empty group, 3 trailing unused rows
     x = jax.random.normal(jax.random.key(1), (17, D))
-    ragged = md.swiglu_ragged(x, group_sizes, w)
-    blocked = md.swiglu_blocked(x, group_sizes, w, rows_per_block)
     owner = np.repeat(np.arange(E), np.asarray(group_sizes))
     loop = [swiglu(x[m], *(a[owner[m]] for a in w)) if m < len(owner) else jnp.zeros(D)
             for m in range(17)]
-    assert_close(ragged, jnp.stack(loop), rtol=1e-5, atol=1e-5)
-    assert_close(blocked, jnp.stack(loop), rtol=1e-5, atol=1e-5)
+    assert_close(md.swiglu_ragged(x, group_sizes, w), jnp.stack(loop), rtol=1e-5, atol=1e-5)
+
+
+def test_first_bucket():
+    assert md.first_bucket(64, 4) == 24  # 1.25 * 64 / 4 = 20, rounded up to a multiple of 8
+    assert md.first_bucket(8, 4) == 8
+
+
+@pytest.mark.parametrize("expected_rows", [None, 8])
+@pytest.mark.parametrize("routing", ["spread", "one_expert"])
+def test_bucketed_output_and_grads_match_row_loop(routing, expected_rows):
+    """Spread rows fit the first bucket; one expert with 17 rows overflows through two doublings
+    (8 -> 16 -> 32). Both give the row loop's outputs and gradients (custom-VJP permutations)."""
+    w = random_weights(0)
+    m = 20
+    if routing == "spread":
+        expert = jnp.array([3, 0, 4, 3, 1, 0, 4, 2, 1, 1, 2, 3, 0, 4, 2, 2, 3, 1, 0, 3], jnp.int32)
+    else:
+        expert = jnp.array([2] * 17 + [4] * 3, jnp.int32)  # 4 = no expert
+    x = jax.random.normal(jax.random.key(1), (m, D))
+    _, counts = md.expert_ranks(expert, E)
+    np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(expert), minlength=E + 1)[:E])
+
+    def loss_bucketed(x, w):
+        return jnp.sum(jnp.sin(md.swiglu_bucketed(x, expert, w, expected_rows)))
+
+    def loss_loop(x, w):
+        rows = [swiglu(x[i], *(a[int(e)] for a in w)) if e < E else jnp.zeros(D) for i, e in enumerate(expert)]
+        return jnp.sum(jnp.sin(jnp.stack(rows)))
+
+    got = jax.jit(jax.value_and_grad(loss_bucketed, argnums=(0, 1)))(x, w)
+    want = jax.value_and_grad(loss_loop, argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["dense", "ragged"])
@@ -362,14 +391,15 @@ def test_capacity_dispatch_and_gather_round_trip():
 def test_pack_for_devices_places_every_copy_once():
     x = jax.random.normal(jax.random.key(1), (7, D))
     expert = jnp.array([3, 0, 2, 4, 1, 3, 2], jnp.int32)  # G=2 devices x L=2 experts; 4 = none
-    send, local, dest, rank = md.pack_for_devices(x, expert, 2, 2)
+    send, local, slot, src = md.pack_for_devices(x, expert, 2, 2)
     # Device 0 gets copies 1, 4 (experts 0, 1); device 1 gets copies 0, 2, 5, 6 in token order.
     np.testing.assert_array_equal(np.asarray(local), [[0, 1, 2, 2, 2, 2, 2], [1, 0, 1, 0, 2, 2, 2]])
     assert_close(send[0, :2], x[jnp.array([1, 4])])
     assert_close(send[1, :4], x[jnp.array([0, 2, 5, 6])])
     assert np.all(np.asarray(send[0, 2:]) == 0) and np.all(np.asarray(send[1, 4:]) == 0)
-    np.testing.assert_array_equal(np.asarray(rank)[[0, 1, 2, 4, 5, 6]], [0, 0, 1, 1, 2, 3])
-    assert int(dest[3]) == 2  # not sent
+    # slot = device * M + position among that device's copies; M * G for the copy not sent.
+    np.testing.assert_array_equal(np.asarray(slot), [7, 0, 8, 14, 1, 9, 10])
+    np.testing.assert_array_equal(np.asarray(src), [1, 4, 7, 7, 7, 7, 7, 0, 2, 5, 6, 7, 7, 7])
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -13,8 +13,10 @@ expert with `all_to_all` and come back the same way.
 
 Memory: dropless expert parallelism sends worst-case buffers (every local copy could go to one
 device): G x (B_local T K) x D per device each way, and the receiving device runs its experts
-over all G x B_local T K rows (zeros past the real ones cost FLOPs on the `dense` backend; the
-`ragged` backend skips them). Capacity dispatch needs only E x C x B_local rows.
+over up to G x B_local T K rows: the `ragged` backend skips the empty ones, the `dense` one
+computes ~1.25 x B_local T K rows when the load is balanced, and more (a `lax.cond` over
+doubling buckets) only when some expert overflows.
+Capacity dispatch needs only E x C x B_local rows.
 """
 
 from __future__ import annotations
@@ -65,16 +67,15 @@ def dropless_expert_parallel(x_BTD: jax.Array, experts_BTK: jax.Array, weights_B
     x_MD = md.token_copies(x_BTD, k)
     num_rows, dim = x_MD.shape
     num_local = w_local.gate_EDF.shape[0]
-    send_GMD, local_GM, dest_M, rank_M = md.pack_for_devices(
+    send_GMD, local_GM, slot_M, src_N = md.pack_for_devices(
         x_MD, experts_BTK.reshape(-1), num_devices, num_local)
     recv_GMD = _all_to_all(send_GMD, axis)
     recv_local_GM = _all_to_all(local_GM, axis)
-    # On average M of the G x M received rows are real: size the dense backend's blocks for that.
+    # On average M of the G x M received rows are real: the dense backend computes for that many.
     y_recv_GMD = md.grouped_swiglu(recv_GMD.reshape(num_devices * num_rows, dim),
-                                   recv_local_GM.reshape(-1), w_local, backend,
-                                   md.block_rows(num_rows, num_local))
+                                   recv_local_GM.reshape(-1), w_local, backend, expected_rows=num_rows)
     y_back_GMD = _all_to_all(y_recv_GMD.reshape(num_devices, num_rows, dim), axis)
-    y_MD = y_back_GMD.at[dest_M, rank_M].get(mode="fill", fill_value=0)
+    y_MD = md.permute_rows(y_back_GMD.reshape(num_devices * num_rows, dim), slot_M, src_N)
     return md.combine(y_MD.reshape(b, t, k, dim), weights_BTK)
 
 
@@ -139,13 +140,20 @@ def apply_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Arr
                          out_specs=batch_spec, check_vma=False)(x_BTD, routing_BTK, weights_BTK, w)
 
 
+def _hashable_rules(rules: Sequence) -> tuple:
+    """Rules as nested tuples (a config restored from JSON may hold lists)."""
+    return tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+
+
 class MoeMLP(nnx.Module):
     """Top-k mixture of SwiGLU experts (plus an optional always-on shared expert).
 
-    `__call__(x_BTD, segment_ids_BT, jitter_key=None) -> (y_BTD, aux)`; aux holds float32
-    unweighted `lb_loss`, `z_loss`, `drop_fraction`, `router_entropy`, `load` ([E], fraction of
-    real token copies per expert) and `max_load` (E * max load: 1 when balanced, a scalar for
-    logs). Padding tokens get 0 from the experts. Router jitter needs `jitter_key` (training only).
+    `__call__(x_BTD, segment_ids_BT, jitter_key=None, rules=None) -> (y_BTD, aux)`; aux holds
+    float32 unweighted `lb_loss`, `z_loss`, `drop_fraction`, `router_entropy`, `load` ([E],
+    fraction of real token copies per expert) and `max_load` (E * max load: 1 when balanced, a
+    scalar for logs). Padding tokens get 0 from the experts. Router jitter needs `jitter_key`
+    (training only). `rules` (config.mesh.rules) overrides the rules given at construction: they
+    decide how the batch is split over devices inside shard_map.
     """
 
     def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs, rules: Sequence = DEFAULT_RULES):
@@ -155,7 +163,7 @@ class MoeMLP(nnx.Module):
         self.num_experts, self.top_k = n, e.top_k
         self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
         self.backend, self.jitter = e.backend, e.router_jitter
-        self.rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+        self.rules = _hashable_rules(rules)
         self.router = normal_param(rngs, (d, n), ("embed", None), cfg.init_std, param_dtype)
         self.wi_gate = normal_param(rngs, (n, d, f), ("expert", "embed", "expert_mlp"),
                                     cfg.init_std, param_dtype)
@@ -170,8 +178,9 @@ class MoeMLP(nnx.Module):
         return md.ExpertWeights(self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt),
                                 self.wo[...].astype(cdt))
 
-    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array,
-                 jitter_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, jitter_key: jax.Array | None = None,
+                 rules: Sequence | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        rules = self.rules if rules is None else _hashable_rules(rules)
         valid_BT = segment_ids_BT > 0
         mask_BT = valid_BT.astype(jnp.float32)
         r = mr.route(x_BTD, self.router[...], self.top_k, jitter=self.jitter, jitter_key=jitter_key)
@@ -187,7 +196,7 @@ class MoeMLP(nnx.Module):
         else:
             cap, slot_BTK, drop_fraction = 0, None, jnp.zeros((), jnp.float32)
         y_BTD = apply_experts(x_BTD, experts_BTK, r.weights_BTK, slot_BTK, self.expert_weights(),
-                              backend=resolve_backend(self.backend), cap=cap, rules=self.rules)
+                              backend=resolve_backend(self.backend), cap=cap, rules=rules)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
         load_E = mr.expert_load(r.experts_BTK, mask_BT, self.num_experts)

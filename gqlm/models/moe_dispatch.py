@@ -1,11 +1,12 @@
 """MoE dispatch: moving token copies to experts, the per-expert SwiGLU, and combining back.
 
 B batch, T length, D model dim, F expert mlp dim, E experts, K experts per token, M token copies
-(rows), C capacity per expert per sequence, G devices on the `expert` mesh axis, L experts per
-device (E / G), R rows per expert in a capacity buffer, NB blocks of a blocked matmul.
+(rows), C capacity per expert (per sequence, or a dropless bucket), G devices on the `expert`
+mesh axis, L experts per device (E / G), R rows per expert in a capacity buffer, N = E C slots.
 
-A copy is one (token, slot k) pair. Dropless dispatch sorts copies by expert and runs a grouped
-matmul; capacity dispatch writes copies into fixed [E, C] buffers and drops the overflow. Expert
+A copy is one (token, slot k) pair. Dropless dispatch groups copies by expert: sorted, for
+`ragged_dot` grouped GEMMs (GPU/TPU), or in [E, C] buckets for batched einsums, with doubling
+overflow buckets so nothing is dropped (CPU); capacity dispatch writes copies into fixed [E, C] buffers and drops the overflow. Expert
 id E (one past the last) marks a copy that no expert processes (padding or dropped): its output
 is 0. Every function here works on one device's arrays; `moe.py` wires them into `shard_map`.
 """
@@ -42,57 +43,101 @@ def swiglu_batched(x_ERD: jax.Array, w: ExpertWeights) -> jax.Array:
     return jnp.einsum("erf,efd->erd", jax.nn.silu(gate_ERF) * up_ERF, w.out_EFD)
 
 
-def block_rows(num_rows: int, num_experts: int) -> int:
-    """Rows per block of the blocked matmul: ~M/E, so padding costs at most ~1x extra FLOPs."""
-    return max(8, -(-math.ceil(num_rows / num_experts) // 8) * 8)
+# Dense backend: the first bucket holds 1.25x the balanced load per expert.
+FIRST_BUCKET_SLACK = 1.25
 
 
-def swiglu_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, w: ExpertWeights,
-                   rows_per_block: int | None = None) -> jax.Array:
-    """Same result as `swiglu_ragged`, as a batched einsum over fixed-size blocks (fast on CPU).
+@jax.custom_vjp
+def permute_rows(x_MD: jax.Array, src_N: jax.Array, dst_M: jax.Array) -> jax.Array:
+    """y[n] = x[src[n]] (0 where src[n] is out of range), for a partial bijection: dst[src[n]] = n.
 
-    Each expert's group is padded to a whole number of blocks of b rows; every block belongs to
-    one expert, whose weights are gathered per block. With b ~ M/E there are at most
-    ceil(M/b) + E <= ~2E blocks. Padding rows are zeros and SwiGLU(0) = 0.
+    The gradient is the inverse gather dx[m] = dy[dst[m]], not a scatter-add (slow on CPU).
     """
+    return x_MD.at[src_N].get(mode="fill", fill_value=0)
+
+
+def _permute_fwd(x_MD, src_N, dst_M):
+    return permute_rows(x_MD, src_N, dst_M), (src_N, dst_M)
+
+
+def _permute_bwd(res, dy_ND):
+    src_N, dst_M = res
+    return dy_ND.at[dst_M].get(mode="fill", fill_value=0), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def expert_ranks(expert_M: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(rank_M, counts_E): each copy's position among its expert's copies (row order), and the
+    copies per expert. Copies with expert id E count nowhere."""
+    onehot_ME = jax.nn.one_hot(expert_M, num_experts, dtype=jnp.int32)
+    rank_M = jnp.sum((jnp.cumsum(onehot_ME, axis=0) - 1) * onehot_ME, axis=-1)
+    return rank_M, jnp.sum(onehot_ME, axis=0)
+
+
+def first_bucket(expected_rows: int, num_experts: int) -> int:
+    """Rows per expert of the first bucket: 1.25 x the balanced load, a multiple of 8."""
+    return max(8, -(-math.ceil(FIRST_BUCKET_SLACK * expected_rows / num_experts) // 8) * 8)
+
+
+def swiglu_bucket(x_MD: jax.Array, expert_M: jax.Array, rank_M: jax.Array, w: ExpertWeights,
+                  cap: int) -> jax.Array:
+    """SwiGLU of the rows with rank < cap, through one [E, cap, D] buffer and batched einsums;
+    other rows (and expert id E) give 0."""
     num_rows, dim = x_MD.shape
-    num_experts = group_sizes_E.shape[0]
-    b = rows_per_block or block_rows(num_rows, num_experts)
-    num_blocks = -(-num_rows // b) + num_experts
-    ends_E = jnp.cumsum(group_sizes_E)
-    row_M = jnp.arange(num_rows)
-    group_M = jnp.searchsorted(ends_E, row_M, side="right")  # E for rows past every group
-    g_M = jnp.minimum(group_M, num_experts - 1)
-    blocks_E = (group_sizes_E + b - 1) // b
-    block_ends_E = jnp.cumsum(blocks_E)
-    padded_row_M = (block_ends_E - blocks_E)[g_M] * b + row_M - (ends_E - group_sizes_E)[g_M]
-    padded_row_M = jnp.where(group_M < num_experts, padded_row_M, num_blocks * b)
-    x_NBbD = (jnp.zeros((num_blocks * b, dim), x_MD.dtype)
-              .at[padded_row_M].add(x_MD, mode="drop").reshape(num_blocks, b, dim))
-    expert_NB = jnp.minimum(jnp.searchsorted(block_ends_E, jnp.arange(num_blocks), side="right"),
-                            num_experts - 1)
-    block_w = ExpertWeights(*(a[expert_NB] for a in w))
-    y_NBbD = swiglu_batched(x_NBbD, block_w)
-    return y_NBbD.reshape(num_blocks * b, dim).at[padded_row_M].get(mode="fill", fill_value=0)
+    num_experts = w.gate_EDF.shape[0]
+    keep_M = (expert_M < num_experts) & (rank_M < cap)
+    slot_M = jnp.where(keep_M, expert_M * cap + rank_M, num_experts * cap)
+    src_N = jnp.full((num_experts * cap,), num_rows, jnp.int32).at[slot_M].set(
+        jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+    x_ECD = permute_rows(x_MD, src_N, slot_M).reshape(num_experts, cap, dim)
+    y_ECD = swiglu_batched(x_ECD, w)
+    return permute_rows(y_ECD.reshape(num_experts * cap, dim), slot_M, src_N)
+
+
+def swiglu_bucketed(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights,
+                    expected_rows: int | None = None, cap: int | None = None) -> jax.Array:
+    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E), exact, no sort: fast on CPU.
+
+    Each expert's first `cap` rows (1.25 x its balanced share of `expected_rows`, by default all
+    M rows) go to an [E, cap, D] buffer: one batched einsum per weight runs every expert, and the
+    weights' gradients are plain einsums. Rows past the cap (an unbalanced load) are handled by a
+    `lax.cond` that only runs when some exist: the same, recursively, with the cap doubled, until
+    it holds every row. So nothing is ever dropped and a balanced load costs ~1.25x the FLOPs of
+    its real rows. `expected_rows`: how many of the M rows are real on average (fewer under
+    expert parallelism's worst-case buffers).
+    """
+    num_rows = x_MD.shape[0]
+    num_experts = w.gate_EDF.shape[0]
+    cap = cap or first_bucket(expected_rows or num_rows, num_experts)
+    rank_M, counts_E = expert_ranks(expert_M, num_experts)
+    if cap >= num_rows:  # Holds any grouping.
+        return swiglu_bucket(x_MD, expert_M, rank_M, w, num_rows)
+    y_MD = swiglu_bucket(x_MD, expert_M, rank_M, w, cap)
+    rest_M = jnp.where(rank_M < cap, num_experts, expert_M)
+    # The overflow branch is rematerialised: differentiating a cond saves every branch's
+    # residuals, and this keeps them to its inputs when the branch does not run.
+    overflow = jax.checkpoint(lambda x, e, w: swiglu_bucketed(x, e, w, cap=2 * cap))
+    return y_MD + jax.lax.cond(jnp.max(counts_E) > cap, overflow,
+                               lambda x, e, w: jnp.zeros_like(x), x_MD, rest_M, w)
 
 
 def grouped_swiglu(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights, backend: str,
-                   rows_per_block: int | None = None) -> jax.Array:
-    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E): sort, group matmul, unsort.
+                   expected_rows: int | None = None) -> jax.Array:
+    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E).
 
-    `rows_per_block` (dense backend): defaults to ~M/E; pass ~(expected real rows)/E when most
-    rows are empty (the worst-case buffers of expert parallelism) to pad less.
+    `ragged`: sort by expert, `lax.ragged_dot` grouped GEMMs, unsort. `dense`: `swiglu_bucketed`.
+    `expected_rows`: how many rows are real on average when most are empty (dense backend).
     """
+    if backend == "dense":
+        return swiglu_bucketed(x_MD, expert_M, w, expected_rows)
+    if backend != "ragged":
+        raise ValueError(f"MoE backend {backend!r} must be ragged or dense")
     num_experts = w.gate_EDF.shape[0]
     order_M = jnp.argsort(expert_M, stable=True)
     group_sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
-    x_sorted_MD = x_MD[order_M]
-    if backend == "ragged":
-        y_sorted_MD = swiglu_ragged(x_sorted_MD, group_sizes_E, w)
-    elif backend == "dense":
-        y_sorted_MD = swiglu_blocked(x_sorted_MD, group_sizes_E, w, rows_per_block)
-    else:
-        raise ValueError(f"MoE backend {backend!r} must be ragged or dense")
+    y_sorted_MD = swiglu_ragged(x_MD[order_M], group_sizes_E, w)
     return y_sorted_MD[jnp.argsort(order_M)]
 
 
@@ -174,15 +219,18 @@ def pack_for_devices(x_MD: jax.Array, expert_M: jax.Array, num_devices: int,
                      experts_per_device: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Worst-case send buffers for dropless all-to-all.
 
-    Returns (send_GMD, local_expert_GM, dest_M, rank_M): buffer g holds, at rows 0.., the copies
-    bound for device g, and local_expert_GM their expert index on that device (L = empty row).
-    Each buffer has room for all M copies, so nothing is ever dropped.
+    Returns (send_GMD, local_expert_GM, slot_M, src_N): buffer g holds, at rows 0.., the copies
+    bound for device g (token order), and local_expert_GM their expert index on that device
+    (L = empty row). slot_M = g M + position is where copy m went (G M if not sent) and src_N its
+    inverse, for `permute_rows` back. Each buffer has room for all M copies: nothing is dropped.
     """
     num_rows, dim = x_MD.shape
     dest_M = expert_M // experts_per_device  # G for invalid copies (expert E): not sent
     rank_M = destination_ranks(dest_M, num_devices)
-    send_GMD = jnp.zeros((num_devices, num_rows, dim), x_MD.dtype).at[dest_M, rank_M].add(
-        x_MD, mode="drop")
-    local_GM = jnp.full((num_devices, num_rows), experts_per_device, jnp.int32).at[dest_M, rank_M].set(
-        (expert_M % experts_per_device).astype(jnp.int32), mode="drop")
-    return send_GMD, local_GM, dest_M, rank_M
+    slot_M = jnp.where(dest_M < num_devices, dest_M * num_rows + rank_M, num_devices * num_rows)
+    src_N = jnp.full((num_devices * num_rows,), num_rows, jnp.int32).at[slot_M].set(
+        jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+    send_GMD = permute_rows(x_MD, src_N, slot_M).reshape(num_devices, num_rows, dim)
+    local_GM = jnp.where(src_N < num_rows, expert_M.at[src_N].get(mode="fill", fill_value=0)
+                         % experts_per_device, experts_per_device).astype(jnp.int32)
+    return send_GMD, local_GM.reshape(num_devices, num_rows), slot_M, src_N

@@ -3,8 +3,10 @@
 B batch, T length, D model dim, V vocab, L layers.
 
 `Transformer(config.model, rngs=...)(inputs_BT, positions_BT, segment_ids_BT)` returns float32
-`logits_BTV` and `aux`, a dict of scalar auxiliary losses/metrics: empty for a dense model; for
-MoE layers each key is summed over layers, and kept per layer as f"layer_{i}/{key}".
+`logits_BTV` and `aux`, a dict of auxiliary losses/metrics: empty for a dense model; for MoE
+layers each key is summed over layers, and kept per layer as f"layer_{i}/{key}". Two keyword
+arguments reach the MoE layers only: `jitter_key` (router jitter, training only; layer i gets
+`split(jitter_key, L)[i]`) and `rules` (the logical axis rules, `config.mesh.rules`).
 
 Blocks live in `self.blocks`: an `nnx.List` (pure-dict keys 0..L-1) or, with
 `model.scan_layers`, one block whose parameters are stacked on a leading 'layers' axis and run
@@ -13,7 +15,7 @@ with `nnx.scan` (faster to compile for deep models; slower on XLA:CPU).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +43,27 @@ class Block(nnx.Module):
             self.mlp = Mlp(cfg, rngs=rngs)
         self.is_moe = moe
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+                 jitter_key: jax.Array | None = None,
+                 rules: Sequence | None = None) -> tuple[jax.Array, Aux]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT).astype(x_BTD.dtype)
         h_BTD = self.mlp_norm(x_BTD)
         if self.is_moe:
-            y_BTD, aux = self.mlp(h_BTD, segment_ids_BT)
+            # Only what was given is passed on, so any MoE module with __call__(x, seg) fits.
+            extra = {k: v for k, v in (("jitter_key", jitter_key), ("rules", rules)) if v is not None}
+            y_BTD, aux = self.mlp(h_BTD, segment_ids_BT, **extra)
         else:
             y_BTD, aux = self.mlp(h_BTD), {}
         return x_BTD + y_BTD.astype(x_BTD.dtype), dict(aux)
 
 
-def _apply_block(block: Block, x_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
-    return block(x_BTD, positions_BT, segment_ids_BT)
+def _block_fn(rules: Sequence | None) -> Callable:
+    """block(x, positions, segments, jitter_key) with the (static) rules closed over, so that
+    nnx.remat and nnx.scan see only array arguments."""
+    def apply(block: Block, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+              jitter_key: jax.Array | None) -> tuple[jax.Array, Aux]:
+        return block(x_BTD, positions_BT, segment_ids_BT, jitter_key, rules)
+    return apply
 
 
 _LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
@@ -98,16 +107,19 @@ class Transformer(nnx.Module):
                                         cfg.init_std, param_dtype)
         self.compute_dtype = compute_dtype
 
-    def __call__(self, inputs_BT: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array) -> tuple[jax.Array, Aux]:
+    def __call__(self, inputs_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array, *,
+                 jitter_key: jax.Array | None = None,
+                 rules: Sequence[tuple[str, Any]] | None = None) -> tuple[jax.Array, Aux]:
         x_BTD = self.embed(inputs_BT)
-        block_fn: Callable = nnx.remat(_apply_block) if self.remat else _apply_block
+        block_fn = nnx.remat(_block_fn(rules)) if self.remat else _block_fn(rules)
+        keys_L = None if jitter_key is None else jax.random.split(jitter_key, self.num_layers)
         if self.scan_layers:
-            x_BTD, aux_by_layer = self._run_scanned(block_fn, x_BTD, positions_BT, segment_ids_BT)
+            x_BTD, aux_by_layer = self._run_scanned(block_fn, x_BTD, positions_BT, segment_ids_BT, keys_L)
         else:
             per_layer = []
-            for block in self.blocks:
-                x_BTD, layer_aux = block_fn(block, x_BTD, positions_BT, segment_ids_BT)
+            for i, block in enumerate(self.blocks):
+                key = None if keys_L is None else keys_L[i]
+                x_BTD, layer_aux = block_fn(block, x_BTD, positions_BT, segment_ids_BT, key)
                 per_layer.append(layer_aux)
             aux_by_layer = dict(enumerate(per_layer))
         x_BTD = self.final_norm(x_BTD)
@@ -119,10 +131,12 @@ class Transformer(nnx.Module):
         return logits_BTV, _summarise_aux(aux_by_layer)
 
     def _run_scanned(self, block_fn: Callable, x_BTD: jax.Array, positions_BT: jax.Array,
-                     segment_ids_BT: jax.Array) -> tuple[jax.Array, dict[int, Aux]]:
-        scan = nnx.scan(block_fn, in_axes=(0, nnx.Carry, None, None), out_axes=(nnx.Carry, 0),
+                     segment_ids_BT: jax.Array,
+                     keys_L: jax.Array | None) -> tuple[jax.Array, dict[int, Aux]]:
+        key_axis = None if keys_L is None else 0
+        scan = nnx.scan(block_fn, in_axes=(0, nnx.Carry, None, None, key_axis), out_axes=(nnx.Carry, 0),
                         transform_metadata=_LAYERS_AXIS)
-        x_BTD, stacked = scan(self.blocks, x_BTD, positions_BT, segment_ids_BT)
+        x_BTD, stacked = scan(self.blocks, x_BTD, positions_BT, segment_ids_BT, keys_L)
         return x_BTD, {i: {k: v[i] for k, v in stacked.items()} for i in range(self.num_layers)}
 
 

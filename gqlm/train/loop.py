@@ -3,16 +3,19 @@
 Per step: fetch this host's slice of the batch, assemble the global array, dispatch the jitted
 step, then read the *previous* step's metrics (so the host never stalls the device). Evaluation,
 checkpoints and preemption are checked between steps.
+
+Reliability: SIGTERM/SIGINT (or TPU's preemption sync point) -> checkpoint, exit cleanly; a
+non-finite step is never applied (train.nonfinite: 'skip' counts it, 'stop' checkpoints the last
+good state and raises TrainingStopped); checkpoints are atomic and verified (checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from gqlm import mesh as mesh_lib
@@ -22,10 +25,10 @@ from gqlm.eval.bpb import evaluate
 from gqlm.models.flops import flops_per_token
 from gqlm.train import state as state_lib
 from gqlm.train.checkpoint import Checkpointer
-from gqlm.train.experiment import Experiment, build_experiment
+from gqlm.train.experiment import build_experiment, jit_train_step
 from gqlm.train.metrics import MetricWriter, Throughput, device_peak_flops
 from gqlm.train.sampling import sample_text
-from gqlm.train.step import make_eval_step, make_train_step
+from gqlm.train.step import make_eval_step
 
 
 class TrainingStopped(RuntimeError):
@@ -33,7 +36,8 @@ class TrainingStopped(RuntimeError):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (and TPU's preemption sync point)."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps (and TPU's preemption sync point).
+    The first signal asks for a checkpoint and a clean exit; a second one acts as it normally would."""
 
     def __init__(self):
         self.requested = False
@@ -41,6 +45,7 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.restore()
 
     def should_stop(self, step: int) -> bool:
         if not self.requested and jax.process_count() > 1:
@@ -55,38 +60,45 @@ class PreemptionWatcher:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
+    def __enter__(self) -> "PreemptionWatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
 
 def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[str, float]:
     """Trains (or resumes) the experiment in `workdir`; returns the final validation metrics.
 
     `stop_at` ends this run early (with a checkpoint) at that step, e.g. for a time-limited allocation.
     """
-    exp = build_experiment(config)
-    cfg, train_cfg = exp.config, exp.config.train
-    is_main = jax.process_index() == 0
-    data_iter = make_train_iterator(cfg, exp.tokenizer)
-    eval_batches = make_eval_batches(cfg, exp.tokenizer, "validation", train_cfg.eval_batches)
-    batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    checkpointer = Checkpointer(workdir, train_cfg)  # First write to the workdir: inputs are valid.
-    throughput = Throughput(cfg.data.batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
-                            device_peak_flops(train_cfg.peak_flops_per_device))
-    watcher = PreemptionWatcher()
-    with jax.set_mesh(exp.mesh):
+    with contextlib.ExitStack() as cleanup:  # Closed in reverse: writer, mesh, checkpointer, signals.
+        watcher = cleanup.enter_context(PreemptionWatcher())  # From the start: a signal in set-up saves at step 1.
+        exp = build_experiment(config)
+        cfg, train_cfg = exp.config, exp.config.train
+        is_main = jax.process_index() == 0
+        data_iter = make_train_iterator(cfg, exp.tokenizer)
+        eval_batches = make_eval_batches(cfg, exp.tokenizer, "validation", train_cfg.eval_batches)
+        batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+        throughput = Throughput(cfg.data.batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
+                                device_peak_flops(train_cfg.peak_flops_per_device))
+        # The Checkpointer is the first write to the workdir: every input has been checked by now.
+        checkpointer = cleanup.enter_context(Checkpointer(workdir, train_cfg))
+        cleanup.enter_context(jax.set_mesh(exp.mesh))
         state = checkpointer.restore_latest(exp.abstract, data_iter)
         if state is not None and is_main:
             print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
-        else:
+        elif state is None:
             state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
-        writer = MetricWriter(workdir)
-        train_step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
-                             in_shardings=(exp.shardings, batch_sharding),
-                             out_shardings=(exp.shardings, None), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes),
+        train_step = jit_train_step(exp)
+        eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes, rules=cfg.mesh.rules),
                             in_shardings=(exp.shardings.params, batch_sharding))
+        writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
         start = int(jax.device_get(state.step))
         last = min(train_cfg.steps, stop_at or train_cfg.steps)
         progress = tqdm(range(start, last), initial=start, total=train_cfg.steps,
                         disable=not (is_main and train_cfg.progress), dynamic_ncols=True, desc="train")
+        say = progress.write if is_main else (lambda message: None)
         pending, eval_metrics, skipped = None, {}, 0
         for step in progress:
             batch = to_global(next(data_iter), batch_sharding)
@@ -95,40 +107,33 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[
             done = step + 1
             if pending is not None:  # Step t-1's metrics, read while step t runs.
                 skipped += report(pending, writer, progress, throughput, train_cfg.log_every)
-                if skipped and train_cfg.nonfinite == "stop":
-                    checkpointer.save(done, state, data_iter, cfg, force=True)
-                    checkpointer.wait()
-                    raise TrainingStopped(
-                        f"non-finite loss or gradient at step {pending[0]} (train.nonfinite='stop'); "
-                        f"the last good state is saved as step {done} in {checkpointer.directory}")
+                stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
             pending = (done, metrics)
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
                 eval_metrics = evaluate(eval_step, state.params, eval_batches, exp.mesh, cfg.mesh.rules)
                 writer.write(done, eval_metrics, prefix="validation")
-                progress.write(f"step {done}: validation loss {eval_metrics['loss']:.4f}, bpb {eval_metrics['bpb']:.4f}")
+                say(f"step {done}: validation loss {eval_metrics['loss']:.4f}, bpb {eval_metrics['bpb']:.4f}")
             preempted = watcher.should_stop(done)
             if done % train_cfg.checkpoint_every == 0 or done == last or preempted:
-                checkpointer.save(done, state, data_iter, cfg, force=True)
+                checkpointer.save(done, state, data_iter, cfg)
             if preempted:
                 checkpointer.wait()
-                progress.write(f"preempted: saved step {done} to {checkpointer.directory}")
+                say(f"preempted: saved step {done} to {checkpointer.step_dir(done)}")
                 break
         if pending is not None:
             skipped += report(pending, writer, progress, throughput, train_cfg.log_every)
+            stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
         progress.close()
-        checkpointer.wait()
+        checkpointer.wait()  # Sealed (manifest written) before the sample, which may take a while.
         if is_main and train_cfg.sample_tokens and int(jax.device_get(state.step)) == train_cfg.steps:
             text = sample_text(exp, state.params, train_cfg.sample_prompt, train_cfg.sample_tokens)
             print(f"--- sample ({train_cfg.sample_tokens} tokens) ---\n{text}\n---")
-    watcher.restore()
-    checkpointer.close()
-    writer.close()
     return {**eval_metrics, "skipped_steps": skipped}
 
 
 def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, throughput: Throughput,
            log_every: int) -> int:
-    """Logs one step's metrics every `log_every` steps; returns 1 if the step was non-finite."""
+    """Logs one step's metrics every `log_every` steps (and every non-finite one); returns 1 if non-finite."""
     step, metrics = pending
     nonfinite = int(jax.device_get(metrics["nonfinite"]))
     if step % log_every == 0 or nonfinite:
@@ -137,3 +142,17 @@ def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, thro
         writer.write(step, values)
         progress.set_postfix(loss=f"{values['loss']:.3f}", bpb=f"{values['bpb']:.3f}", refresh=False)
     return nonfinite
+
+
+def stop_if_nonfinite(skipped: int, bad_step: int, state: state_lib.TrainState, checkpointer: Checkpointer,
+                      data_iter, cfg: ConfigDict) -> None:
+    """With train.nonfinite='stop', checkpoints the current state (no non-finite update was ever
+    applied to it) and raises TrainingStopped."""
+    if not skipped or cfg.train.nonfinite != "stop":
+        return
+    state_step = int(jax.device_get(state.step))
+    checkpointer.save(state_step, state, data_iter, cfg)  # No-op if this step was just saved.
+    checkpointer.wait()
+    raise TrainingStopped(
+        f"non-finite loss or gradient at step {bad_step} (train.nonfinite='stop'); the last good state "
+        f"is saved as step {state_step} in {checkpointer.directory}")

@@ -20,11 +20,15 @@ from gqlm.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch,
-                 token_bytes_V: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Summed cross-entropy (nats), target tokens and target bytes of one batch, plus model aux."""
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, token_bytes_V: jax.Array, *,
+                 rules: Any = None, jitter_key: jax.Array | None = None
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Summed cross-entropy (nats), target tokens and target bytes of one batch, plus model aux.
+
+    `rules` (config.mesh.rules) and `jitter_key` (training only) reach the MoE layers."""
     model = nnx.merge(graphdef, params)
-    logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                            jitter_key=jitter_key, rules=rules)
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     mask_BT = batch["loss_mask"]
     sums = {
@@ -39,6 +43,17 @@ def aux_loss(aux: dict[str, jax.Array], moe_cfg: ConfigDict) -> jax.Array:
     """Weighted MoE auxiliary losses (zero for a dense model)."""
     return (moe_cfg.lb_loss_weight * aux.get("lb_loss", 0.0)
             + moe_cfg.z_loss_weight * aux.get("z_loss", 0.0))
+
+
+def flatten_vectors(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Scalars only: a vector metric like the MoE `load` [E] becomes `load/e0`, `load/e1`, ..."""
+    out = {}
+    for key, value in metrics.items():
+        if jnp.ndim(value) == 1:
+            out.update({f"{key}/e{i}": value[i] for i in range(value.shape[0])})
+        else:
+            out[key] = value
+    return out
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
@@ -57,18 +72,21 @@ def accumulate_gradients(grad_fn: Callable, batch: Batch, num_micro: int) -> Any
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     config: ConfigDict, token_bytes_V: jax.Array) -> Callable:
-    grad_accum, moe_cfg = config.train.grad_accum, config.model.moe
+    grad_accum, moe_cfg, rules = config.train.grad_accum, config.model.moe, config.mesh.rules
+    jitter = moe_cfg.num_experts > 0 and moe_cfg.router_jitter > 0
 
-    def micro_loss(params, micro, total_tokens):
-        sums, aux = token_losses(graphdef, params, micro, token_bytes_V)
+    def micro_loss(params, micro, total_tokens, jitter_key):
+        sums, aux = token_losses(graphdef, params, micro, token_bytes_V, rules=rules, jitter_key=jitter_key)
         loss = sums["ce_sum"] / total_tokens + aux_loss(aux, moe_cfg) / grad_accum
         return loss, (sums, aux)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        # Router jitter noise, fresh each step (state.rng is folded with the step below).
+        jitter_key = jax.random.split(state.rng)[1] if jitter else None
         (loss, (sums, aux)), grads = accumulate_gradients(
-            lambda micro: grad_fn(state.params, micro, total_tokens), batch, grad_accum)
+            lambda micro: grad_fn(state.params, micro, total_tokens, jitter_key), batch, grad_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
@@ -81,13 +99,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         metrics = {"loss": loss, "ce": sums["ce_sum"] / total_tokens,
                    "bpb": sums["ce_sum"] / (math.log(2) * jnp.maximum(sums["bytes"], 1.0)),
                    "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-                   "tokens": sums["tokens"], "nonfinite": 1 - finite.astype(jnp.int32), **aux}
+                   "tokens": sums["tokens"], "nonfinite": 1 - finite.astype(jnp.int32), **flatten_vectors(aux)}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, token_bytes_V: jax.Array) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, token_bytes_V: jax.Array, rules: Any = None) -> Callable:
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        return token_losses(graphdef, params, batch, token_bytes_V)[0]
+        return token_losses(graphdef, params, batch, token_bytes_V, rules=rules)[0]
     return eval_step

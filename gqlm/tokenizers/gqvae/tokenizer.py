@@ -4,7 +4,8 @@ Ids: 0..255 the bytes, 256 bos, 257 eos, 258 pad, then the learned tokens (multi
 `encode` cuts the text into GPT-2 pretokens, each into pieces of at most `max_pretoken_len` bytes,
 runs the encoder + quantizer + gater over the pieces (batched, jitted) and cuts each piece where
 the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in the vocabulary is one
-id; any other segment is spelled out as its bytes, so every text round-trips. Results are cached
+id; any other segment is spelled with the longest vocabulary strings that prefix what is left of
+it, else single bytes, so every text round-trips. Results are cached
 per pretoken.
 
 The vocabulary (`build`): for each code, the byte string it most often ends on `texts`; the codes'
@@ -38,6 +39,7 @@ NUM_SPECIAL = 3
 FIRST_LEARNED = 256 + NUM_SPECIAL
 ROWS = 256  # pieces per model call; one fixed shape, so one compile and batch-independent results
 MAX_CACHE = 1_000_000  # pretokens remembered
+ENCODING = "gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
 
 
 class GQVAETokenizer:
@@ -51,10 +53,11 @@ class GQVAETokenizer:
         self.vocab_size = FIRST_LEARNED + len(self.tokens)
         self._id_bytes = [bytes([b]) for b in range(256)] + [b""] * NUM_SPECIAL + self.tokens
         self._token_to_id = {t: FIRST_LEARNED + i for i, t in enumerate(self.tokens)}
+        self._longest = max(map(len, self.tokens), default=1)
         self._cache: dict[str, list[int]] = {}
         m, every = cfg.max_token_len, cfg.fixed_gate_every
         self._segment = jax.jit(lambda p, b, n: segment(nnx.merge(graphdef, p), b, n, m, every))
-        self._fingerprint = fingerprint_of(KIND, str(FORMAT_VERSION), repr(sorted(cfg.to_dict().items())),
+        self._fingerprint = fingerprint_of(KIND, str(FORMAT_VERSION), ENCODING, repr(sorted(cfg.to_dict().items())),
                                            b"\0".join(self.tokens), _params_digest(self.params))
 
     # ------------------------------------------------------------------------- building
@@ -62,15 +65,40 @@ class GQVAETokenizer:
     @classmethod
     def build(cls, checkpoint_dir: str, vocab_size: int, texts: Iterable[str]) -> "GQVAETokenizer":
         """Vocabulary of `vocab_size` ids from a `train_gqvae` checkpoint, segmenting `texts`."""
+        return cls.build_many(checkpoint_dir, [vocab_size], texts)[vocab_size]
+
+    @classmethod
+    def build_many(cls, checkpoint_dir: str, vocab_sizes: Sequence[int], texts: Iterable[str],
+                   strict: bool = True) -> dict[int, Any]:
+        """One tokenizer per size from one segmentation of `texts` (the ranking does not depend on
+        the size). A size exceeding the codes in use raises ConfigError naming it, or with
+        `strict=False` maps to that (unraised) error."""
         cfg, graphdef, params = load_checkpoint(checkpoint_dir)
-        if vocab_size < FIRST_LEARNED:
-            raise ConfigError(f"vocab_size={vocab_size} must be at least {FIRST_LEARNED} (256 bytes + 3 specials)")
-        tok = cls(cfg, graphdef, params, [])
+        for v in vocab_sizes:
+            if v < FIRST_LEARNED:
+                raise ConfigError(f"vocab_size={v} must be at least {FIRST_LEARNED} (256 bytes + 3 specials)")
+        ranked = cls(cfg, graphdef, params, [])._ranked_code_strings(texts)
+        out: dict[int, Any] = {}
+        for v in vocab_sizes:
+            if v - FIRST_LEARNED > len(ranked):
+                out[v] = ConfigError(
+                    f"vocab_size={v} exceeds what the checkpoint's codes give on these texts: "
+                    f"{FIRST_LEARNED} byte/special ids + {len(ranked)} multi-byte code strings = "
+                    f"{FIRST_LEARNED + len(ranked)}")
+                if strict:
+                    raise out[v]
+            else:
+                out[v] = cls(cfg, graphdef, params, ranked[:v - FIRST_LEARNED])
+        return out
+
+    def _ranked_code_strings(self, texts: Iterable[str]) -> list[bytes]:
+        """For each code, the byte string it most often ends on `texts`; the multi-byte ones,
+        ranked by how often they occur."""
         counts = collections.Counter()
         for text in texts:
             counts.update(pretokens(text))
         pair_counts: collections.Counter = collections.Counter()
-        for pretoken, segments in tok._segment_pretokens(list(counts)).items():
+        for pretoken, segments in self._segment_pretokens(list(counts)).items():
             for seg, code in segments:
                 pair_counts[code, seg] += counts[pretoken]
         best: dict[int, tuple[int, bytes]] = {}  # code -> (count, its most frequent string)
@@ -81,14 +109,7 @@ class GQVAETokenizer:
         for n, seg in best.values():
             if len(seg) > 1:
                 strings[seg] = max(n, strings.get(seg, 0))
-        ranked = sorted(strings, key=lambda s: (-strings[s], s))
-        wanted = vocab_size - FIRST_LEARNED
-        if wanted > len(ranked):
-            raise ConfigError(
-                f"vocab_size={vocab_size} exceeds what the checkpoint's codes give on these texts: "
-                f"{FIRST_LEARNED} byte/special ids + {len(ranked)} multi-byte code strings = "
-                f"{FIRST_LEARNED + len(ranked)}")
-        return cls(cfg, graphdef, params, ranked[:wanted])
+        return sorted(strings, key=lambda s: (-strings[s], s))
 
     def _segment_pretokens(self, items: Sequence[str]) -> dict[str, list[tuple[bytes, int]]]:
         """Each pretoken -> its segments (byte string, code at the segment's last byte)."""
@@ -123,7 +144,7 @@ class GQVAETokenizer:
             for seg, _ in segments:
                 tid = lookup(seg)
                 if tid is None:
-                    ids.extend(seg)
+                    ids.extend(self._spell(seg))
                 else:
                     ids.append(tid)
             found[p] = ids
@@ -131,6 +152,21 @@ class GQVAETokenizer:
         if room > 0:
             self._cache.update(found if len(found) <= room else dict(list(found.items())[:room]))
         return found
+
+    def _spell(self, seg: bytes) -> list[int]:
+        """A segment the vocabulary lacks: greedy longest vocabulary prefixes, else single bytes."""
+        lookup, ids, i = self._token_to_id.get, [], 0
+        while i < len(seg):
+            for j in range(min(len(seg), i + self._longest), i + 1, -1):
+                tid = lookup(seg[i:j])
+                if tid is not None:
+                    ids.append(tid)
+                    i = j
+                    break
+            else:
+                ids.append(seg[i])
+                i += 1
+        return ids
 
     def encode(self, text: str) -> list[int]:
         pts = pretokens(text)

@@ -100,8 +100,8 @@ class PieceSampler:
         self.rng = np.random.default_rng(seed)
         self.batch_size = cfg.batch_size
 
-    def __call__(self) -> dict[str, np.ndarray]:
-        idx = self.rng.integers(0, len(self.lengths), self.batch_size)
+    def __call__(self, n: int = 0) -> dict[str, np.ndarray]:
+        idx = self.rng.integers(0, len(self.lengths), n or self.batch_size)
         return {"bytes": self.bytes[idx], "lengths": self.lengths[idx]}
 
 
@@ -129,7 +129,9 @@ def train_gqvae(config: ConfigDict, texts: Sequence[str], workdir: str, steps: i
         counts_C = counts_C + metrics.pop("code_counts")
         done = step + 1
         if cfg.reseed_every and done > cfg.warmup_steps and done % cfg.reseed_every == 0 and done < steps:
-            params = reseed_fn(params, counts_C, batch, reseed_rng)
+            # Fresh pieces, enough to give each dead code its own vector (one batch may hold
+            # fewer distinct encoder outputs than there are dead codes).
+            params = reseed_fn(params, counts_C, sample(max(cfg.batch_size, cfg.codebook_size // 2)), reseed_rng)
             counts_C = jnp.zeros_like(counts_C)
         if done % log_every == 0 or done == steps:
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -168,7 +170,10 @@ def load_checkpoint(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
-        raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (no readable {MANIFEST})") from None
+        # An LM workdir (gqlm.train) holds checkpoints/ and no manifest: say so, it is the likely mix-up.
+        hint = ("; it looks like an LM workdir (gqlm.train), train one with gqlm.tokenizers.gqvae.train"
+                if os.path.isdir(os.path.join(path, "checkpoints")) else "")
+        raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (no readable {MANIFEST}){hint}") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (kind is not {CHECKPOINT_KIND!r})")
     if manifest.get("format_version") != CHECKPOINT_VERSION:
