@@ -19,7 +19,7 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import json  # noqa: E402
+
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -33,14 +33,12 @@ from flax import nnx  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
 from gqlm import mesh as mesh_lib  # noqa: E402
-from gqlm.data.pipeline import make_train_iterator, to_global  # noqa: E402
 from gqlm.models.layers import Mlp  # noqa: E402
 from gqlm.models.moe import MoeMLP  # noqa: E402
-from gqlm.train import state as state_lib  # noqa: E402
 from gqlm.models.flops import flops_per_token  # noqa: E402
 from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
-from gqlm.train.experiment import build_experiment, resolve_vocab  # noqa: E402
-from gqlm.train.step import make_train_step  # noqa: E402
+from gqlm.train.experiment import resolve_vocab  # noqa: E402
+from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_integer("tokens", 8192, "Tokens per layer-benchmark batch (B x T, T = 256).")
@@ -114,26 +112,8 @@ def measure_layer(moe: dict | None, expert: int, steps: int) -> dict:
 def measure_training(experiment: str, overrides: dict[str, str], steps: int) -> dict:
     config = config_lib.load_experiment(os.path.join(ROOT, experiment))
     config = config_lib.apply_overrides(config, {**overrides, "optimizer.warmup_steps": "1"})
-    exp = build_experiment(config)
-    cfg = exp.config
-    batches = make_train_iterator(cfg, exp.tokenizer)
-    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    with jax.set_mesh(exp.mesh):
-        state = state_lib.init_state(cfg.model, exp.tx, 0, exp.shardings)
-        step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
-                       in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None),
-                       donate_argnums=0)
-        data = [to_global(next(batches), sharding) for _ in range(steps + 2)]
-        for batch in data[:2]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for batch in data[2:]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / steps
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    return {"step_time_s": seconds, "tokens_per_s": tokens / seconds}
+    timing = time_train_steps(config, steps)
+    return {"step_time_s": timing["step_time_s"], "tokens_per_s": timing["tokens_per_s"]}
 
 
 def measure_quality(experiment: str, steps: int) -> dict:
@@ -214,10 +194,7 @@ def main(argv):
         print(table(results["quality"], [("model", "case", "s"), ("train FLOPs/token", "train_flops_per_token", ".3g"),
                                          ("val loss", "validation_loss", ".4f"), ("val bpb", "validation_bpb", ".4f"),
                                          ("wall s", "wall_s", ".0f")]))
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {FLAGS.out}")
+    write_results(FLAGS.out, results)
 
 
 if __name__ == "__main__":

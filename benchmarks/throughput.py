@@ -15,7 +15,7 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import json  # noqa: E402
+
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -26,7 +26,7 @@ from absl import app, flags  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
 from gqlm.train.metrics import measure_matmul_peak  # noqa: E402
-from gqlm.train.timing import time_train_steps  # noqa: E402
+from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
@@ -79,10 +79,7 @@ def main(argv):
             cold, warm = launch_to_first_step(cache), launch_to_first_step(cache)
         results["launch_to_first_step_s"] = {"cold_cache": cold, "warm_cache": warm}
         print(f"launch to first step (smoke config, whole process): cold {cold:.1f} s, cached {warm:.1f} s")
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {FLAGS.out}")
+    write_results(FLAGS.out, results)
 
 
 if __name__ == "__main__":

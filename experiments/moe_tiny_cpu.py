@@ -14,7 +14,7 @@ loss a little below tiny_cpu's; `max_load` and `router_entropy` in the logs show
 from gqlm.presets import tiny_cpu_experiment
 
 
-def get_config(arg: str = "") -> "ml_collections.ConfigDict":
+def get_config(arg: str = ""):
     if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (known: smoke)")
     config = tiny_cpu_experiment(arg)

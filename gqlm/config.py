@@ -187,17 +187,23 @@ def _to_tuples(value: Any) -> Any:
 # ----------------------------------------------------------------------------- experiment files
 
 
-def load_experiment(spec: str) -> ConfigDict:
-    """Loads `path/to/exp.py[:arg]` and returns its locked config."""
-    path, _, arg = spec.partition(":")
+def load_python_file(path: str, what: str) -> Any:
+    """Imports a user's Python file (experiment, sweep) by path; ConfigError naming it if that fails."""
     if not os.path.isfile(path):
-        raise ConfigError(f"experiment file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("gqlm_experiment", path)
+        raise ConfigError(f"{what} {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("gqlm_user_file", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # A broken experiment file is a user error: report it in one line.
-        raise ConfigError(f"experiment file {path!r} failed to load: {type(e).__name__}: {e}")
+    except Exception as e:  # A broken user file is a user error: report it in one line.
+        raise ConfigError(f"{what} {path!r} failed to load: {type(e).__name__}: {e}")
+    return module
+
+
+def load_experiment(spec: str) -> ConfigDict:
+    """Loads `path/to/exp.py[:arg]` and returns its locked config."""
+    path, _, arg = spec.partition(":")
+    module = load_python_file(path, "experiment file")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment file {path!r} defines no get_config()")
     try:

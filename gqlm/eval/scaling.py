@@ -24,7 +24,6 @@ N counts non-embedding parameters (active ones for MoE); D = steps x batch_size 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -36,7 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 from scipy import optimize
 
-from gqlm.config import ConfigError
+from gqlm.config import ConfigError, load_python_file
 
 HUBER_DELTA = 1e-3
 
@@ -225,14 +224,7 @@ def run_name(arg: str) -> str:
 
 def load_sweep(path: str) -> tuple[str, list[str]]:
     """(path, args) of a sweep file: a module with get_config(arg) and sweep() -> list of args."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--sweep={path!r} does not exist")
-    spec = importlib.util.spec_from_file_location("gqlm_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a broken sweep file is a user error: one line
-        raise ConfigError(f"--sweep={path!r} failed to load: {type(e).__name__}: {e}")
+    module = load_python_file(path, "--sweep file")
     if not hasattr(module, "sweep"):
         raise ConfigError(f"--sweep={path!r} defines no sweep() listing its get_config arguments")
     return path, list(module.sweep())

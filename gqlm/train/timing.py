@@ -6,7 +6,10 @@ before the clock starts, so the figure is device time per step, not input-pipeli
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from typing import Any
 
 import jax
 
@@ -41,3 +44,11 @@ def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[st
     return {"step_time_s": seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
             "flops_per_token": flops, "model_flops_per_s": tokens / seconds * flops,
             "final_loss": float(metrics["loss"])}
+
+
+def write_results(path: str, results: dict[str, Any]) -> None:
+    """A benchmark's JSON results (the folder is created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
