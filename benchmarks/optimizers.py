@@ -1,0 +1,281 @@
+"""Optimizer benchmarks: (a) step time as a ratio to AdamW, (b) SOAP's steps to AdamW's final loss.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/optimizers.py --part=all
+
+(a) `--part=step_time`: the 4-layer d512 model (`experiments/dense.py:d512`, Shakespeare bytes,
+    `--seq_len` x `--batch_size` tokens per step) on each mesh of `--meshes`; per optimizer, two
+    warm-up calls (compile, and SOAP's statistics-only first call), then the mean of `--steps`
+    consecutive steps, a multiple of the refresh period, so SOAP's eigenbasis refreshes (every
+    10 steps) are averaged in. AdamW runs first and again last in the same process; the ratio
+    divides by the mean of its two timings, and their spread shows how noisy the machine was.
+(b) `--part=steps_to_target`: `experiments/soap_vs_adamw.py` (tiny d128 x 4 model, SOAP on the
+    hidden matrices, AdamW elsewhere) for each learning rate of its `SWEEP` (or `--lrs`), the
+    same token budget (`--train_steps` x 32 x 128 tokens) for every run; validation loss every
+    `--eval_every` steps on the first `--eval_batches` validation batches. Each arm's best rate
+    is the one with the lowest final validation loss; the target is AdamW's best final loss;
+    "steps to target" is the first step at which a curve reaches it (linearly interpolated
+    between evaluations).
+
+Writes benchmarks/results/optimizers.json (parts run separately are merged into it) and
+benchmarks/results/optimizers.png (validation-loss curves), and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# XLA:CPU runs eigh/QR through scipy's OpenBLAS-backed LAPACK; with its default thread pool the 8
+# fake devices' concurrent calls thrash (a 512x512 eigh: 4.5 s instead of 0.014 s on 2 cores).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import json  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from gqlm import config as config_lib  # noqa: E402
+from gqlm import mesh as mesh_lib  # noqa: E402
+from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global  # noqa: E402
+from gqlm.eval.bpb import evaluate  # noqa: E402
+from gqlm.train import state as state_lib  # noqa: E402
+from gqlm.train.experiment import build_experiment  # noqa: E402
+from gqlm.train.step import make_eval_step, make_train_step  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ZOO = ("adamw", "lion", "signum", "adafactor", "sgd", "adalayer", "soap")
+
+flags.DEFINE_enum("part", "all", ["step_time", "steps_to_target", "all"], "Which benchmark to run.")
+flags.DEFINE_list("optimizers", list(ZOO), "(a) optimizers to time (AdamW is always timed, first and last).")
+flags.DEFINE_list("meshes", ["8x1x1"], "(a) meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,1x8x1.")
+flags.DEFINE_integer("seq_len", 256, "(a) sequence length.")
+flags.DEFINE_integer("batch_size", 8, "(a) global batch size (sequences).")
+flags.DEFINE_integer("steps", 10, "(a) timed steps per optimizer (use a multiple of 10, SOAP's refresh period).")
+flags.DEFINE_integer("train_steps", 120, "(b) steps per run (the token budget).")
+flags.DEFINE_integer("eval_every", 20, "(b) steps between validation evaluations.")
+flags.DEFINE_integer("eval_batches", 4, "(b) validation batches per evaluation.")
+flags.DEFINE_list("lrs", [], "(b) learning rates for both arms; empty: experiments/soap_vs_adamw.py SWEEP.")
+flags.DEFINE_string("out", "benchmarks/results/optimizers.json", "JSON output (PNG next to it).")
+FLAGS = flags.FLAGS
+
+
+def _compiled_step(exp):
+    cfg = exp.config
+    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
+                   in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None),
+                   donate_argnums=0)
+    return step, sharding
+
+
+# ----------------------------------------------------------------------------- (a) step time
+
+
+def time_optimizer(name: str, mesh: tuple[int, int, int], steps: int) -> dict[str, float]:
+    """Mean seconds per train step of the d512 model with optimizer `name` on `mesh`."""
+    config = config_lib.load_experiment(os.path.join(ROOT, "experiments/dense.py:d512"))
+    data, fsdp, tensor = mesh
+    config = config_lib.apply_overrides(config, {
+        "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
+        "mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor),
+        "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10"})
+    exp = build_experiment(config)
+    step, sharding = _compiled_step(exp)
+    batches = make_train_iterator(exp.config, exp.tokenizer)
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(exp.config.model, exp.tx, 0, exp.shardings)
+        data_batches = [to_global(next(batches), sharding) for _ in range(steps + 2)]
+        start = time.perf_counter()
+        for batch in data_batches[:2]:  # compile; SOAP's first call only builds its statistics
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        warmup = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in data_batches[2:]:
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds = (time.perf_counter() - start) / steps
+    return {"step_time_s": seconds, "warmup_s": warmup, "final_loss": float(metrics["loss"])}
+
+
+def run_step_time() -> dict[str, Any]:
+    names = [n for n in FLAGS.optimizers if n != "adamw"]
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise app.UsageError(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(ZOO)})")
+    result = {"model": "experiments/dense.py:d512", "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
+              "steps": FLAGS.steps, "precondition_frequency": 10, "meshes": {}}
+    for mesh_text in FLAGS.meshes:
+        mesh = tuple(int(x) for x in mesh_text.split("x"))
+        if len(mesh) != 3:
+            raise app.UsageError(f"--meshes entry {mesh_text!r} is not DATAxFSDPxTENSOR")
+        rows = {"adamw_first": time_optimizer("adamw", mesh, FLAGS.steps)}
+        print(f"[{mesh_text}] adamw (first): {rows['adamw_first']['step_time_s']:.3f} s/step", flush=True)
+        for name in names:
+            rows[name] = time_optimizer(name, mesh, FLAGS.steps)
+            print(f"[{mesh_text}] {name}: {rows[name]['step_time_s']:.3f} s/step", flush=True)
+        rows["adamw_last"] = time_optimizer("adamw", mesh, FLAGS.steps)
+        print(f"[{mesh_text}] adamw (last): {rows['adamw_last']['step_time_s']:.3f} s/step", flush=True)
+        reference = (rows["adamw_first"]["step_time_s"] + rows["adamw_last"]["step_time_s"]) / 2
+        rows["adamw"] = {"step_time_s": reference}
+        for row in rows.values():
+            row["ratio_to_adamw"] = row["step_time_s"] / reference
+        result["meshes"][mesh_text] = rows
+    return result
+
+
+def step_time_table(result: dict[str, Any]) -> str:
+    meshes = list(result["meshes"])
+    names = ["adamw"] + [n for n in ZOO if n != "adamw" and n in result["meshes"][meshes[0]]]
+    head = "| optimizer | " + " | ".join(f"step (s), mesh {m} | x AdamW" for m in meshes) + " |"
+    lines = [f"Step time, {result['model']}, seq {result['seq_len']} x batch {result['batch_size']}, "
+             f"mean of {result['steps']} steps (SOAP refresh every {result['precondition_frequency']}):", "",
+             head, "|---" * (1 + 2 * len(meshes)) + "|"]
+    for name in names:
+        cells = []
+        for m in meshes:
+            row = result["meshes"][m][name]
+            cells += [f"{row['step_time_s']:.3f}", f"{row['ratio_to_adamw']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    spread = ", ".join(
+        f"{m}: {result['meshes'][m]['adamw_first']['step_time_s']:.3f} / "
+        f"{result['meshes'][m]['adamw_last']['step_time_s']:.3f} s" for m in meshes)
+    lines += ["", f"AdamW timed first / last in the same run (noise): {spread}."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- (b) steps to target
+
+
+def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
+    """Validation-loss curve of one run of experiments/soap_vs_adamw.py."""
+    spec = os.path.join(ROOT, f"experiments/soap_vs_adamw.py:{optimizer},lr={lr}")
+    config = config_lib.apply_overrides(config_lib.load_experiment(spec), {
+        "train.steps": str(FLAGS.train_steps),
+        "optimizer.warmup_steps": str(max(1, FLAGS.train_steps // 10))})
+    exp = build_experiment(config)
+    cfg = exp.config
+    step, sharding = _compiled_step(exp)
+    eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes),
+                        in_shardings=(exp.shardings.params, sharding))
+    batches = make_train_iterator(cfg, exp.tokenizer)
+    eval_batches = make_eval_batches(cfg, exp.tokenizer, "validation", FLAGS.eval_batches)
+    curve, start = [], time.perf_counter()
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
+        for i in range(1, cfg.train.steps + 1):
+            state, metrics = step(state, to_global(next(batches), sharding))
+            if i % FLAGS.eval_every == 0 or i == cfg.train.steps:
+                loss = evaluate(eval_step, state.params, eval_batches, exp.mesh, cfg.mesh.rules)["loss"]
+                curve.append((i, loss))
+    seconds = time.perf_counter() - start
+    print(f"{optimizer} lr={lr:g}: final validation loss {curve[-1][1]:.4f} ({seconds:.0f} s)", flush=True)
+    return {"optimizer": optimizer, "lr": lr, "curve": curve, "final_loss": curve[-1][1], "seconds": seconds,
+            "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the curve reaches `target`, linear between evaluations; None if never."""
+    previous = None
+    for step, loss in curve:
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(step)
+            s0, l0 = previous
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        previous = (step, loss)
+    return None
+
+
+def run_steps_to_target() -> dict[str, Any]:
+    spec = importlib_experiment()
+    lrs = {name: tuple(float(x) for x in FLAGS.lrs) or spec.SWEEP[name] for name in ("adamw", "soap")}
+    runs = [train_curve(name, lr) for name in ("adamw", "soap") for lr in lrs[name]]
+    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final_loss"])
+            for name in ("adamw", "soap")}
+    target = best["adamw"]["final_loss"]
+    for r in runs:
+        r["steps_to_target"] = steps_to_reach(r["curve"], target)
+    adamw_steps, soap_steps = best["adamw"]["steps_to_target"], best["soap"]["steps_to_target"]
+    return {"experiment": "experiments/soap_vs_adamw.py", "train_steps": FLAGS.train_steps,
+            "eval_every": FLAGS.eval_every, "eval_batches": FLAGS.eval_batches, "target_loss": target,
+            "best_lr": {n: best[n]["lr"] for n in best}, "runs": runs,
+            "soap_steps_ratio": None if soap_steps is None else soap_steps / adamw_steps}
+
+
+def importlib_experiment():
+    import importlib.util
+    path = os.path.join(ROOT, "experiments/soap_vs_adamw.py")
+    module_spec = importlib.util.spec_from_file_location("soap_vs_adamw", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def steps_table(result: dict[str, Any]) -> str:
+    tokens = result["runs"][0]["tokens_per_step"]
+    lines = [f"Steps to AdamW's best final validation loss ({result['target_loss']:.4f} nats/byte), "
+             f"tiny d128 x 4 model, {result['train_steps']} steps x {tokens} tokens, "
+             f"validation every {result['eval_every']} steps on {result['eval_batches']} batches:", "",
+             "| optimizer (hidden matrices) | lr | final val loss | steps to target | best lr |",
+             "|---|---|---|---|---|"]
+    for r in result["runs"]:
+        steps = "not reached" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
+        best = "yes" if result["best_lr"][r["optimizer"]] == r["lr"] else ""
+        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final_loss']:.4f} | {steps} | {best} |")
+    ratio = result["soap_steps_ratio"]
+    lines += ["", "SOAP / AdamW steps to target (best rates): "
+              + ("SOAP never reached it" if ratio is None else f"{ratio:.2f}x")]
+    return "\n".join(lines)
+
+
+def plot_curves(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"adamw": "tab:blue", "soap": "tab:red"}
+    for r in result["runs"]:
+        best = result["best_lr"][r["optimizer"]] == r["lr"]
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, losses, color=colors[r["optimizer"]], lw=2.2 if best else 1.0, ls="-" if best else "--",
+                alpha=1.0 if best else 0.6, label=f"{r['optimizer']} lr={r['lr']:g}" + (" (best)" if best else ""))
+    ax.axhline(result["target_loss"], color="gray", lw=0.8, ls=":", label="AdamW best final")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("SOAP (hidden matrices) vs AdamW, tiny byte-level Shakespeare LM")
+    finals = [r["final_loss"] for r in result["runs"]]
+    ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    tables = []
+    if FLAGS.part in ("step_time", "all"):
+        results["step_time"] = run_step_time()
+        tables.append(step_time_table(results["step_time"]))
+    if FLAGS.part in ("steps_to_target", "all"):
+        results["steps_to_target"] = run_steps_to_target()
+        tables.append(steps_table(results["steps_to_target"]))
+        png = os.path.splitext(FLAGS.out)[0] + ".png"
+        plot_curves(results["steps_to_target"], png)
+        print(f"wrote {png}")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    if os.path.exists(FLAGS.out):  # keep the other part's results (read now: a part takes minutes)
+        with open(FLAGS.out) as f:
+            results = {**json.load(f), **results}
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.out}\n")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    app.run(main)
