@@ -34,11 +34,9 @@ from gqlm.data import corpora, packing, pipeline, synthetic
 COLUMNS = ("doc", "name", "nats", "bytes", "tokens")
 
 
-def checked_config(workdir: str, overrides: dict[str, str]) -> ConfigDict:
-    """The checkpoint's config with data overrides; a tokenizer other than the checkpoint's is an error."""
-    from gqlm.train.checkpoint import load_config
-    saved = load_config(workdir)
-    config = apply_overrides(load_config(workdir), overrides)
+def checked_config(saved: ConfigDict, workdir: str, overrides: dict[str, str]) -> ConfigDict:
+    """`saved` (the checkpoint's config) with data overrides; another tokenizer than the checkpoint's is an error."""
+    config = apply_overrides(saved.copy_and_resolve_references(), overrides)
     if config.data.tokenizer != saved.data.tokenizer:
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} differs from the tokenizer of the checkpoint in "
                           f"{workdir!r} ({saved.data.tokenizer!r}); scores are only defined under the model's own tokenizer")
@@ -121,12 +119,13 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS.workdir or not FLAGS.out:
         cli.fail("--workdir and --out are required")
-    from gqlm.train.checkpoint import load_state
+    from gqlm.train.checkpoint import SavedRun
     from gqlm.train.experiment import build_experiment
-    exp = build_experiment(checked_config(FLAGS.workdir, cli.overrides()))
-    with jax.set_mesh(exp.mesh):
-        step, state = load_state(FLAGS.workdir, exp.abstract, FLAGS.step)
-        scores = score_documents(exp, state.params, FLAGS.split, FLAGS.batches)
+    with SavedRun(FLAGS.workdir, FLAGS.step) as run:
+        exp = build_experiment(checked_config(run.config(), FLAGS.workdir, cli.overrides()))
+        with jax.set_mesh(exp.mesh):
+            step, state = run.step, run.state(exp.abstract)
+            scores = score_documents(exp, state.params, FLAGS.split, FLAGS.batches)
     docs = corpora.load_documents(exp.config.data, FLAGS.split)
     d = exp.config.data
     meta = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "split": FLAGS.split, "corpus": d.corpus,

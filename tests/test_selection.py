@@ -117,9 +117,10 @@ def test_document_scores_add_up_to_the_runners_evaluation(trained, tmp_path):
 
 def test_scoring_under_another_tokenizer_is_a_one_line_error(trained, tmp_path):
     from gqlm import score
+    from gqlm.train.checkpoint import load_config
     workdir, _ = trained
     with pytest.raises(ConfigError, match="data.tokenizer='bpe:/x' differs from the tokenizer of the checkpoint"):
-        score.checked_config(workdir, {"data.tokenizer": "bpe:/x"})
+        score.checked_config(load_config(workdir), workdir, {"data.tokenizer": "bpe:/x"})
     with pytest.raises(ConfigError, match="not a gqlm.score file"):
         (tmp_path / "junk.parquet").write_text("no")
         score.read_scores(str(tmp_path / "junk.parquet"))

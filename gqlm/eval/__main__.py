@@ -23,13 +23,11 @@ def main(argv: list[str]) -> None:
         cli.fail("--workdir is required")
     from gqlm.data.pipeline import make_eval_batches
     from gqlm.eval.bpb import evaluate
-    from gqlm.train.experiment import restore_trained
-    from gqlm.train.step import make_eval_step
+    from gqlm.train.experiment import jit_eval_step, restore_trained
     exp, step, state = restore_trained(FLAGS.workdir, cli.overrides(), FLAGS.step)
     batches = make_eval_batches(exp.config, exp.tokenizer, FLAGS.split, FLAGS.batches)
     with jax.set_mesh(exp.mesh):
-        eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes))
-        metrics = evaluate(eval_step, state.params, batches, exp.mesh, exp.config.mesh.rules)
+        metrics = evaluate(jit_eval_step(exp), state.params, batches, exp.mesh, exp.config.mesh.rules)
     print(json.dumps({"step": step, "split": FLAGS.split, "corpus": exp.config.data.corpus, **metrics}))
 
 

@@ -275,18 +275,41 @@ def _open_read_only(workdir: str, step: int | None = None) -> tuple[ocp.Checkpoi
     raise ConfigError(f"no complete, uncorrupted checkpoint in {directory}")
 
 
+class SavedRun:
+    """Read-only view of one checkpoint of a training workdir (default: the newest that verifies).
+
+    The manifest is checked once, on opening; the config and the state are then read from that
+    same step, so eval/sample/score never verify (read every byte of) a checkpoint twice.
+    """
+
+    def __init__(self, workdir: str, step: int | None = None):
+        self.manager, self.step = _open_read_only(workdir, step)
+
+    def config(self) -> ConfigDict:
+        """The saved config, as a full (defaults-filled) config."""
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        return config_from_dict(self.manager.restore(self.step, args=args)["config"])
+
+    def state(self, abstract: TrainState) -> TrainState:
+        """The saved train state on the shardings of `abstract` (any mesh), without the data iterator."""
+        check_compatible(self.manager, os.path.join(self.manager.directory, str(self.step)), self.step, abstract)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        return self.manager.restore(self.step, args=args)["state"]
+
+    def __enter__(self) -> "SavedRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manager.close()
+
+
 def load_state(workdir: str, abstract: TrainState, step: int | None = None) -> tuple[int, TrainState]:
-    """State of a training workdir's checkpoint (for eval and sampling), without the data iterator."""
-    manager, step = _open_read_only(workdir, step)
-    check_compatible(manager, os.path.join(manager.directory, str(step)), step, abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    manager.close()
-    return step, restored["state"]
+    """(step, state) of a training workdir's checkpoint, without the data iterator."""
+    with SavedRun(workdir, step) as run:
+        return run.step, run.state(abstract)
 
 
 def load_config(workdir: str) -> ConfigDict:
-    """The config saved with a workdir's latest checkpoint, as a full (defaults-filled) config."""
-    manager, step = _open_read_only(workdir)
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    return config_from_dict(saved)
+    """The config saved with a workdir's newest verified checkpoint."""
+    with SavedRun(workdir) as run:
+        return run.config()

@@ -76,7 +76,7 @@ def dry_run_report(exp: Experiment) -> str:
     """Parameter count, FLOPs/token, per-device memory and every parameter's sharding."""
     cfg = exp.config
     counts = count_params(cfg.model)
-    memory = state_lib.describe(exp.abstract, exp.model)
+    memory = state_lib.describe(exp.abstract)
     lines = [
         f"mesh: {dict(exp.mesh.shape)} ({jax.device_count()} devices, {jax.devices()[0].platform})",
         "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
@@ -94,12 +94,11 @@ def dry_run_report(exp: Experiment) -> str:
 def restore_trained(workdir: str, overrides: dict[str, str] | None = None,
                     step: int | None = None) -> tuple[Experiment, int, state_lib.TrainState]:
     """The experiment saved in a training workdir and its checkpointed state (any mesh)."""
-    from gqlm.train.checkpoint import load_config, load_state  # checkpoint imports this module's deps
-    config = config_lib.apply_overrides(load_config(workdir), overrides or {})
-    exp = build_experiment(config)
-    with jax.set_mesh(exp.mesh):
-        step, state = load_state(workdir, exp.abstract, step)
-    return exp, step, state
+    from gqlm.train.checkpoint import SavedRun  # checkpoint imports this module's deps
+    with SavedRun(workdir, step) as run:
+        exp = build_experiment(config_lib.apply_overrides(run.config(), overrides or {}))
+        with jax.set_mesh(exp.mesh):
+            return exp, run.step, run.state(exp.abstract)
 
 
 def jit_train_step(exp: Experiment, donate: bool = True):
@@ -109,3 +108,11 @@ def jit_train_step(exp: Experiment, donate: bool = True):
     step = make_train_step(exp.model.graphdef, exp.tx, exp.schedule, exp.config, exp.token_bytes)
     return jax.jit(step, in_shardings=(exp.shardings, batch_sharding), out_shardings=(exp.shardings, None),
                    donate_argnums=0 if donate else ())
+
+
+def jit_eval_step(exp: Experiment):
+    """The experiment's eval step (summed nats, tokens, bytes), jitted with its param and batch shardings."""
+    from gqlm.train.step import make_eval_step
+    batch_sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
+    step = make_eval_step(exp.model.graphdef, exp.token_bytes, rules=exp.config.mesh.rules)
+    return jax.jit(step, in_shardings=(exp.shardings.params, batch_sharding))

@@ -25,10 +25,9 @@ from gqlm.eval.bpb import evaluate
 from gqlm.models.flops import flops_per_token
 from gqlm.train import state as state_lib
 from gqlm.train.checkpoint import Checkpointer
-from gqlm.train.experiment import build_experiment, jit_train_step
+from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step
 from gqlm.train.metrics import MetricWriter, Throughput, device_peak_flops
 from gqlm.train.sampling import sample_text
-from gqlm.train.step import make_eval_step
 
 
 class TrainingStopped(RuntimeError):
@@ -91,8 +90,7 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[
         elif state is None:
             state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
         train_step = jit_train_step(exp)
-        eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes, rules=cfg.mesh.rules),
-                            in_shardings=(exp.shardings.params, batch_sharding))
+        eval_step = jit_eval_step(exp)
         writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
         start = int(jax.device_get(state.step))
         last = min(train_cfg.steps, stop_at or train_cfg.steps)
