@@ -41,8 +41,8 @@ from gqlm import mesh as mesh_lib  # noqa: E402
 from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global  # noqa: E402
 from gqlm.eval.bpb import evaluate  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
-from gqlm.train.experiment import build_experiment  # noqa: E402
-from gqlm.train.step import make_eval_step, make_train_step  # noqa: E402
+from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step  # noqa: E402
+from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ZOO = ("adamw", "lion", "signum", "adafactor", "sgd", "adalayer", "soap")
@@ -61,15 +61,6 @@ flags.DEFINE_string("out", "benchmarks/results/optimizers.json", "JSON output (P
 FLAGS = flags.FLAGS
 
 
-def _compiled_step(exp):
-    cfg = exp.config
-    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    step = jax.jit(make_train_step(exp.model.graphdef, exp.tx, exp.schedule, cfg, exp.token_bytes),
-                   in_shardings=(exp.shardings, sharding), out_shardings=(exp.shardings, None),
-                   donate_argnums=0)
-    return step, sharding
-
-
 # ----------------------------------------------------------------------------- (a) step time
 
 
@@ -81,23 +72,8 @@ def time_optimizer(name: str, mesh: tuple[int, int, int], steps: int) -> dict[st
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
         "mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor),
         "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10"})
-    exp = build_experiment(config)
-    step, sharding = _compiled_step(exp)
-    batches = make_train_iterator(exp.config, exp.tokenizer)
-    with jax.set_mesh(exp.mesh):
-        state = state_lib.init_state(exp.config.model, exp.tx, 0, exp.shardings)
-        data_batches = [to_global(next(batches), sharding) for _ in range(steps + 2)]
-        start = time.perf_counter()
-        for batch in data_batches[:2]:  # compile; SOAP's first call only builds its statistics
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        warmup = time.perf_counter() - start
-        start = time.perf_counter()
-        for batch in data_batches[2:]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        seconds = (time.perf_counter() - start) / steps
-    return {"step_time_s": seconds, "warmup_s": warmup, "final_loss": float(metrics["loss"])}
+    timing = time_train_steps(config, steps)
+    return {k: timing[k] for k in ("step_time_s", "warmup_s", "final_loss")}
 
 
 def run_step_time() -> dict[str, Any]:
@@ -157,9 +133,8 @@ def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
         "optimizer.warmup_steps": str(max(1, FLAGS.train_steps // 10))})
     exp = build_experiment(config)
     cfg = exp.config
-    step, sharding = _compiled_step(exp)
-    eval_step = jax.jit(make_eval_step(exp.model.graphdef, exp.token_bytes),
-                        in_shardings=(exp.shardings.params, sharding))
+    step, sharding = jit_train_step(exp), mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    eval_step = jit_eval_step(exp)
     batches = make_train_iterator(cfg, exp.tokenizer)
     eval_batches = make_eval_batches(cfg, exp.tokenizer, "validation", FLAGS.eval_batches)
     curve, start = [], time.perf_counter()
@@ -258,6 +233,7 @@ def main(argv):
     del argv
     results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform}
     tables = []
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)  # before the PNG lands there
     if FLAGS.part in ("step_time", "all"):
         results["step_time"] = run_step_time()
         tables.append(step_time_table(results["step_time"]))
@@ -267,13 +243,10 @@ def main(argv):
         png = os.path.splitext(FLAGS.out)[0] + ".png"
         plot_curves(results["steps_to_target"], png)
         print(f"wrote {png}")
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     if os.path.exists(FLAGS.out):  # keep the other part's results (read now: a part takes minutes)
         with open(FLAGS.out) as f:
             results = {**json.load(f), **results}
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {FLAGS.out}\n")
+    write_results(FLAGS.out, results)
     print("\n\n".join(tables))
 
 

@@ -31,9 +31,11 @@ def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[st
         state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
         step = jit_train_step(exp)
         data = [to_global(next(batches), sharding) for _ in range(steps + warmup)]
-        for batch in data[:warmup]:
+        start = time.perf_counter()
+        for batch in data[:warmup]:  # compilation; SOAP's first call only builds its statistics
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
+        warmup_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for batch in data[warmup:]:
             state, metrics = step(state, batch)
@@ -41,7 +43,8 @@ def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[st
         seconds = (time.perf_counter() - start) / steps
     tokens = cfg.data.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
-    return {"step_time_s": seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
+    return {"step_time_s": seconds, "warmup_s": warmup_seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_step": tokens,
             "flops_per_token": flops, "model_flops_per_s": tokens / seconds * flops,
             "final_loss": float(metrics["loss"])}
 
