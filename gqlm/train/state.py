@@ -79,12 +79,13 @@ def init_state(model_cfg: ConfigDict, tx: optax.GradientTransformation, seed: in
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def describe(abstract: TrainState, model: Model) -> dict[str, Any]:
+def describe(abstract: TrainState) -> dict[str, Any]:
     """Per-device memory of params and optimizer state, for --dry_run and logs."""
-    param_bytes = mesh_lib.bytes_per_device(abstract.params, jax.tree.map(lambda s: s.sharding, abstract.params))
-    opt_leaves = jax.tree.leaves(abstract.opt_state)
-    opt_bytes = mesh_lib.bytes_per_device(opt_leaves, [leaf.sharding for leaf in opt_leaves])
-    return {"param_bytes_per_device": param_bytes, "opt_bytes_per_device": opt_bytes}
+    def per_device(tree: Any) -> int:
+        leaves = jax.tree.leaves(tree)
+        return mesh_lib.bytes_per_device(leaves, [leaf.sharding for leaf in leaves])
+    return {"param_bytes_per_device": per_device(abstract.params),
+            "opt_bytes_per_device": per_device(abstract.opt_state)}
 
 
 def param_sharding_table(model: Model) -> list[tuple[str, tuple[int, ...], str]]:
