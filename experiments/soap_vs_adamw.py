@@ -14,8 +14,9 @@ The argument is `OPT[,lr=LR][,smoke]` with OPT in adamw | soap:
     python -m gqlm.train --config experiments/soap_vs_adamw.py:adamw,lr=6e-3 --workdir /tmp/gqlm_adamw
     python -m gqlm.train --config experiments/soap_vs_adamw.py:soap,lr=6e-3 --workdir /tmp/gqlm_soap
 
-OPENBLAS_NUM_THREADS=1 matters on CPU: SOAP's eigh/QR run in scipy's OpenBLAS LAPACK, whose
-default thread pool thrashes under 8 fake devices (SOAP's first, eigh-only step took minutes).
+OPENBLAS_NUM_THREADS=1 matters on CPU: SOAP's eigh/QR run in OpenBLAS LAPACK, whose default
+thread pool thrashes under 8 fake devices (SOAP's first, eigh-only step took minutes); `import
+gqlm` sets it unless it is already set.
 
 The learning-rate sweep for both arms is `SWEEP` (lr applies to every group: the AdamW-trained
 embeddings and norms move with it in both arms alike). `benchmarks/optimizers.py
@@ -31,8 +32,7 @@ on an idle 2-core machine; under the same load a SOAP run took ~1.4x an AdamW ru
 `...:soap,smoke` is the same experiment shrunk for tests.
 """
 
-from gqlm.config import base_config
-from gqlm.presets import apply_dense
+from gqlm.presets import tiny_cpu_experiment
 
 OPTIMIZERS = ("adamw", "soap")
 SWEEP = {"adamw": (3e-3, 6e-3, 1.2e-2), "soap": (3e-3, 6e-3, 1.2e-2)}
@@ -59,37 +59,17 @@ def parse_arg(arg: str) -> tuple[str, float | None, bool]:
     return name, lr, smoke
 
 
-def get_config(arg: str = "adamw") -> "ml_collections.ConfigDict":
+def get_config(arg: str = "adamw"):
     name, lr, smoke = parse_arg(arg)
-    config = base_config()
-    apply_dense(config, "tiny")
-    config.data.corpus = "shakespeare"
-    config.data.tokenizer = "byte"
-    config.data.seq_len = 128
-    config.data.batch_size = 32
+    config = tiny_cpu_experiment("smoke" if smoke else "")  # The demo's model, data and mesh.
     o = config.optimizer
     o.name = "adamw"  # embeddings / head and norms, in both arms
     o.learning_rate = 3e-3 if lr is None else lr
-    o.warmup_steps = 12
     o.precondition_frequency = 10
     o.groups = ({"name": "hidden", "pattern": HIDDEN_PATTERN, "optimizer": name, "lr_multiplier": 1.0},)
-    config.train.steps = 120  # the token budget: 120 x 32 x 128 bytes
-    config.train.log_every = 10
-    config.train.eval_every = 20
-    config.train.eval_batches = 4
-    config.train.checkpoint_every = 120
-    config.mesh.data = 8
-    if smoke:  # Same code path, seconds instead of minutes.
-        config.model.num_layers = 2
-        config.model.embed_dim = 64
-        config.model.mlp_dim = 128
-        config.data.seq_len = 32
-        config.data.batch_size = 16
-        config.train.steps = 20
-        o.warmup_steps = 2
-        config.train.eval_every = 10
-        config.train.checkpoint_every = 10
-        config.train.eval_batches = 2
-        config.train.sample_tokens = 16
-        config.train.progress = False
+    if not smoke:  # The token budget: 120 x 32 x 128 bytes.
+        o.warmup_steps = 12
+        config.train.steps = 120
+        config.train.eval_every = 20
+        config.train.checkpoint_every = 120
     return config

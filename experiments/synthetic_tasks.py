@@ -12,24 +12,20 @@ copy to reach ~100% at lengths <= 8 within the 1,000 steps (a few minutes on 2 C
 what happens at 16 and 32 is the experiment (RoPE vs ALiBi vs NoPE).
 """
 
-from gqlm.config import SYNTHETIC_TASKS, base_config
-from gqlm.presets import apply_dense
+from gqlm.config import SYNTHETIC_TASKS
+from gqlm.presets import tiny_cpu_experiment
 
 
 def get_config(arg: str = "copy"):
     task, *options = arg.split(",")
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(SYNTHETIC_TASKS)}")
-    config = apply_dense(base_config(), "tiny")
+    config = tiny_cpu_experiment()  # The demo's model, byte tokenizer, rows, batch and mesh.
     config.data.corpus = f"synthetic:{task}"
-    config.data.tokenizer = "byte"
     config.data.synthetic_min_len = 3 if task == "parity" else 1
     config.data.synthetic_max_len = {"recall": 6, "parity": 12}.get(task, 8)
     config.data.synthetic_parity_k = 3
-    config.data.seq_len = 128
-    config.data.batch_size = 32
     config.model.max_seq_len = 1024  # eval rows grow with the tested length
-    config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.weight_decay = 0.0
     config.train.steps = 1000
@@ -38,7 +34,6 @@ def get_config(arg: str = "copy"):
     config.train.eval_batches = 2
     config.train.checkpoint_every = 250
     config.train.sample_tokens = 0
-    config.mesh.data = 8
     for option in options:
         if option in ("rope", "alibi", "none"):
             config.model.position = option
