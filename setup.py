@@ -16,15 +16,15 @@ setup(
         "ml-collections==1.1.0",
         "tensorflow-datasets==4.9.10",
         "tokenizers==0.23.3",
-        "absl-py",
-        "numpy",
-        "tqdm",
-        "tensorboardX",
-        "regex",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "tqdm==4.70.1",
+        "tensorboardX==2.6.5",
+        "regex==2026.11.19",
+        "matplotlib==3.11.2",  # scaling-fit and synthetic-task plots
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
         "parity": ["torch==2.13.0"],
-        "bench": ["matplotlib"],
     },
 )
