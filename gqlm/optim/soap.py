@@ -6,18 +6,17 @@ Shampoo statistics L, R and eigenbases Q_L, Q_R (one pair per parameter):
   call 0      L, R = (1-sb) G G^T, (1-sb) G^T G;  Q = eigh(.) sorted by descending eigenvalue;
               update = 0, step counter t stays 0 (the current gradient is never used to project
               itself).
-  call t>=1   m = b1 m + (1-b1) G                       (m lives in the ORIGINAL space, see below)
-              v = b2 v + (1-b2) (Q_L^T G Q_R)^2         (v lives in the rotated space)
-              N = Q_L [(Q_L^T m Q_R) / (sqrt(v) + eps)] Q_R^T
+  call t>=1   G' = Q_L^T G Q_R;  m = b1 m + (1-b1) G';  v = b2 v + (1-b2) G'^2   (rotated space)
+              N = Q_L [m / (sqrt(v) + eps)] Q_R^T
               direction = N * sqrt(1-b2^t) / (1-b1^t)   (N normalised to unit RMS first if asked)
               then L, R absorb G with shampoo_beta, and when t % precondition_frequency == 0 the
-              bases refresh: est = diag(Q^T L Q), sort descending, permute v to match, and one
-              power-iteration + QR step Q <- qr(L Q_sorted).
+              bases refresh: est = diag(Q^T L Q), sort descending, permute v to match, one
+              power-iteration + QR step Q <- qr(L Q_sorted), and m is re-expressed in the new basis.
 
-The reference keeps `exp_avg` in the rotated basis and, after every step, rotates it back with
-the old basis and forward with the new one. Rotation is linear and the basis is orthogonal, so
-that is exactly `Q^T m Q` with m kept in the original space; we store m there and save two
-projections per step (the parity test runs the reference's rotated form against this one).
+The reference rotates `exp_avg` back with the old basis and forward with the new one after
+every step; between refreshes the basis does not change, so that is the identity and we rotate
+only at refreshes (three matrix products per dimension and step instead of five). All the
+linear algebra of one call sits in a single `lax.switch` (keep / first eigh / QR refresh).
 
 Tensors of any rank get one statistic per dimension (mode-k unfoldings); dimensions larger
 than `max_precond_dim` use the identity; 1-D (and 0-D) parameters are plain Adam unless
@@ -54,7 +53,7 @@ class Preconditioner:
 class ScaleBySoapState(NamedTuple):
     count: jax.Array  # int32: real (non-initialising) steps taken, the reference's state["step"]
     initialized: jax.Array  # bool: the first call (statistics only) has happened
-    mu: Any  # first moment, original space, param shapes
+    mu: Any  # first moment, rotated space, param shapes
     nu: Any  # second moment, rotated space, param shapes
     precond: Any  # tree of Preconditioner, one per parameter
 
@@ -198,51 +197,60 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
                                 mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
                                 precond=jax.tree.map(init_precond, params))
 
-    def first_call(g, mu, nu, pc):
-        g = _to_layout(g.astype(dtype), pc.dims)
-        stats = init_statistics(g, [s is not None for s in pc.stats], sb)
-        return jnp.zeros(mu.shape, dtype), mu, nu, dataclasses.replace(
-            pc, stats=stats, bases=initial_bases(stats))
-
     def step(g, mu, nu, pc, t):
-        g = g.astype(dtype)
-        mu = b1 * mu + (1 - b1) * g
-        g_l = _to_layout(g, pc.dims)
-        nu_l = b2 * _to_layout(nu, pc.dims) + (1 - b2) * jnp.square(project(g_l, pc.bases))
-        adam = project(_to_layout(mu, pc.dims), pc.bases) / (jnp.sqrt(nu_l) + eps)
-        direction = project_back(adam, pc.bases).reshape(mu.shape)
+        """Direction and moments from the current bases; statistics absorb g (zero stats at
+        the first call give exactly the reference's initial lerp from zero)."""
+        g_l = _to_layout(g.astype(dtype), pc.dims)
+        g_rot = project(g_l, pc.bases)
+        mu_l = b1 * _to_layout(mu, pc.dims) + (1 - b1) * g_rot
+        nu_l = b2 * _to_layout(nu, pc.dims) + (1 - b2) * jnp.square(g_rot)
+        direction = project_back(mu_l / (jnp.sqrt(nu_l) + eps), pc.bases).reshape(g.shape)
         if normalize_grads:
             direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
         tf = t.astype(dtype)
         direction = direction * (jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf))
-        stats = update_statistics(pc.stats, g_l, sb)
+        return direction, mu_l, nu_l, update_statistics(pc.stats, g_l, sb)
 
-        bases, nu_l = jax.lax.cond(t % precondition_frequency == 0,
-                                   lambda operand: refresh_bases(stats, *operand), lambda operand: operand,
-                                   (pc.bases, nu_l))
-        return direction, mu, nu_l.reshape(mu.shape), dataclasses.replace(pc, stats=stats, bases=bases)
+    def keep(stats, bases, mu_l, nu_l):
+        return bases, mu_l, nu_l
+
+    def first_bases(stats, bases, mu_l, nu_l):
+        return initial_bases(stats), mu_l, nu_l
+
+    def refresh(stats, bases, mu_l, nu_l):
+        new_bases, nu_l = refresh_bases(stats, bases, nu_l)
+        return new_bases, project(project_back(mu_l, bases), new_bases), nu_l
 
     def update(updates, state, params=None):
         del params
         treedef = jax.tree.structure(updates)
         flat = [treedef.flatten_up_to(x) for x in (updates, state.mu, state.nu, state.precond)]
+        t = state.count + 1
+        outs = [step(g, mu, nu, pc, t) for g, mu, nu, pc in zip(*flat)]
+        # The first call only builds statistics and bases: no update, moments untouched.
+        first = ~state.initialized
+        directions = [jnp.where(first, 0, d).astype(g.dtype) for (d, *_), g in zip(outs, flat[0])]
+        mus = [jnp.where(first, _to_layout(mu, pc.dims), m) for (_, m, _, _), mu, pc in zip(outs, flat[1], flat[3])]
+        nus = [jnp.where(first, _to_layout(nu, pc.dims), n) for (*_, n, _), nu, pc in zip(outs, flat[2], flat[3])]
+        stats = [o[3] for o in outs]
 
-        def apply(fn, *extra):
-            outs = [fn(g, mu, nu, pc, *extra) for g, mu, nu, pc in zip(*flat)]
-            return tuple([o[i] for o in outs] for i in range(4))
-
-        def run_first(_):
-            return apply(first_call), state.count
-
-        def run_step(_):
-            t = state.count + 1
-            return apply(step, t), t
-
-        (directions, mu, nu, precond), count = jax.lax.cond(state.initialized, run_step, run_first, None)
-        directions = [d.astype(g.dtype) for d, g in zip(directions, flat[0])]
-        new_state = ScaleBySoapState(count=count, initialized=jnp.ones([], bool),
-                                     mu=treedef.unflatten(mu), nu=treedef.unflatten(nu),
-                                     precond=treedef.unflatten(precond))
+        # One conditional for every parameter's linear algebra (eigh on the first call, a QR
+        # refresh every precondition_frequency steps, nothing otherwise). The reference rotates
+        # exp_avg back and forth every step; between refreshes that is the identity, so the
+        # first moment is rotated only when the basis changes.
+        def branch(fn):
+            def run(operands):
+                return [fn(*x) for x in zip(*operands)]
+            return run
+        index = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
+        results = jax.lax.switch(index, [branch(keep), branch(first_bases), branch(refresh)],
+                                 (stats, [pc.bases for pc in flat[3]], mus, nus))
+        precond = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, (b, _, _) in zip(flat[3], stats, results)]
+        new_state = ScaleBySoapState(
+            count=jnp.where(first, state.count, t), initialized=jnp.ones([], bool),
+            mu=treedef.unflatten([m.reshape(g.shape) for (_, m, _), g in zip(results, flat[0])]),
+            nu=treedef.unflatten([n.reshape(g.shape) for (_, _, n), g in zip(results, flat[0])]),
+            precond=treedef.unflatten(precond))
         return treedef.unflatten(directions), new_state
 
     return optax.GradientTransformation(init, update)
