@@ -6,17 +6,20 @@ Shampoo statistics L, R and eigenbases Q_L, Q_R (one pair per parameter):
   call 0      L, R = (1-sb) G G^T, (1-sb) G^T G;  Q = eigh(.) sorted by descending eigenvalue;
               update = 0, step counter t stays 0 (the current gradient is never used to project
               itself).
-  call t>=1   G' = Q_L^T G Q_R;  m = b1 m + (1-b1) G';  v = b2 v + (1-b2) G'^2   (rotated space)
-              N = Q_L [m / (sqrt(v) + eps)] Q_R^T
+  call t>=1   m = b1 m + (1-b1) G                       (m lives in the ORIGINAL space, see below)
+              v = b2 v + (1-b2) (Q_L^T G Q_R)^2         (v lives in the rotated space)
+              N = Q_L [(Q_L^T m Q_R) / (sqrt(v) + eps)] Q_R^T
               direction = N * sqrt(1-b2^t) / (1-b1^t)   (N normalised to unit RMS first if asked)
               then L, R absorb G with shampoo_beta, and when t % precondition_frequency == 0 the
-              bases refresh: est = diag(Q^T L Q), sort descending, permute v to match, one
-              power-iteration + QR step Q <- qr(L Q_sorted), and m is re-expressed in the new basis.
+              bases refresh: est = diag(Q^T L Q), sort descending, permute v to match, and one
+              power-iteration + QR step Q <- qr(L Q_sorted).
 
-The reference rotates `exp_avg` back with the old basis and forward with the new one after
-every step; between refreshes the basis does not change, so that is the identity and we rotate
-only at refreshes (three matrix products per dimension and step instead of five). All the
-linear algebra of one call sits in a single `lax.switch` (keep / first eigh / QR refresh).
+The reference keeps `exp_avg` in the rotated basis and, after every step, rotates it back with
+the old basis and forward with the new one. Rotation is linear and the basis is orthogonal, so
+that is exactly `Q^T m Q` with m kept in the original space; we store m there, which needs no
+rotation at refreshes (the parity test runs the reference's rotated form against this one).
+The decompositions of all parameters run in one `lax.switch` (keep / first eigh / QR refresh)
+over stacks of same-sized statistics split across the devices (see `update_bases`).
 
 Tensors of any rank get one statistic per dimension (mode-k unfoldings); dimensions larger
 than `max_precond_dim` use the identity; 1-D (and 0-D) parameters are plain Adam unless
@@ -53,7 +56,7 @@ class Preconditioner:
 class ScaleBySoapState(NamedTuple):
     count: jax.Array  # int32: real (non-initialising) steps taken, the reference's state["step"]
     initialized: jax.Array  # bool: the first call (statistics only) has happened
-    mu: Any  # first moment, rotated space, param shapes
+    mu: Any  # first moment, original space, param shapes
     nu: Any  # second moment, rotated space, param shapes
     precond: Any  # tree of Preconditioner, one per parameter
 
@@ -135,7 +138,7 @@ def update_statistics(stats: tuple, g: jax.Array, shampoo_beta: float) -> tuple:
 
 def initial_bases(stats: tuple) -> tuple:
     """Eigenvectors of each statistic, columns sorted by descending eigenvalue."""
-    return tuple(None if s is None else jnp.linalg.eigh(s)[1][:, ::-1] for s in stats)
+    return tuple(None if st is None else _eigenbasis(st) for st in stats)
 
 
 def project(x: jax.Array, bases: tuple) -> jax.Array:
@@ -157,15 +160,94 @@ def project_back(x: jax.Array, bases: tuple) -> jax.Array:
 def refresh_bases(stats: tuple, bases: tuple, nu: jax.Array) -> tuple[tuple, jax.Array]:
     """One power-iteration + QR step per basis; nu (layout-shaped) permuted to the new order."""
     new_bases = []
-    for k, (s, q) in enumerate(zip(stats, bases)):
-        if s is None:
+    for k, (st, q) in enumerate(zip(stats, bases)):
+        if st is None:
             new_bases.append(None)
             continue
-        estimated = jnp.sum(q * (s @ q), axis=0)  # diag(Q^T L Q)
-        order = jnp.argsort(estimated, descending=True)
+        new_q, order = _qr_refresh(st, q)
+        new_bases.append(new_q)
         nu = jnp.take(nu, order, axis=k)
-        new_bases.append(jnp.linalg.qr(s @ q[:, order])[0])
     return tuple(new_bases), nu
+
+
+def _eigenbasis(s: jax.Array) -> jax.Array:
+    return jnp.linalg.eigh(s)[1][:, ::-1]
+
+
+def _qr_refresh(s: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(new basis, order) of one statistic s and its basis q [d, d]."""
+    estimated = jnp.sum(q * (s @ q), axis=0)  # diag(Q^T L Q)
+    order = jnp.argsort(estimated, descending=True)
+    return jnp.linalg.qr(s @ q[:, order])[0], order
+
+
+# ----------------------------------------------------------------------------- distributed refresh
+# eigh and QR cannot be partitioned inside one matrix, so under a mesh every device would repeat
+# every decomposition. Instead the same-sized statistics of all parameters are stacked and the
+# stack is split over all devices (padded with identities to a multiple of the device count): each
+# device decomposes its share, as distributed Shampoo does. The resharding happens outside the
+# conditional, so its branches hold no collective, and each device loops over its share with
+# unbatched LAPACK calls: on XLA:CPU with 8 devices on 2 cores, both collectives inside a
+# conditional and batched eigh/QR (which block a shared thread pool) deadlock.
+
+
+def _spread(x_N: jax.Array) -> jax.Array:
+    """x_N [N, d, d] padded to a multiple of the device count and split over every mesh axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x_N
+    pad = -x_N.shape[0] % mesh.size
+    if pad:
+        eye = jnp.broadcast_to(jnp.eye(x_N.shape[-1], dtype=x_N.dtype), (pad, *x_N.shape[1:]))
+        x_N = jnp.concatenate([x_N, eye])
+    spec = jax.sharding.PartitionSpec(mesh.axis_names, None, None)
+    return jax.lax.with_sharding_constraint(x_N, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _per_matrix(fn, *stacks_N: jax.Array):
+    """fn(*matrices) for each index of the stacks [N, d, d], each device doing its own share."""
+    def local(*xs):
+        outs = [fn(*(x[i] for x in xs)) for i in range(xs[0].shape[0])]
+        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*stacks_N)
+    spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(*stacks_N)
+
+
+def update_bases(branch: jax.Array, stats: list[tuple], bases: list[tuple]
+                 ) -> tuple[list[tuple], list[tuple]]:
+    """Every parameter's (new bases, new orders) for branch 0 keep / 1 first eigh / 2 QR refresh.
+
+    stats, bases: one tuple per parameter, a [d, d] array (or None) per dimension. Orders are the
+    permutations applied to the eigenvalue order (the identity unless refreshing).
+    """
+    slots = [(p, k) for p, dims in enumerate(stats) for k, st in enumerate(dims) if st is not None]
+    sizes = sorted({stats[p][k].shape[0] for p, k in slots})
+    groups = [[(p, k) for p, k in slots if stats[p][k].shape[0] == d] for d in sizes]
+    stacks = [(_spread(jnp.stack([stats[p][k] for p, k in g])), _spread(jnp.stack([bases[p][k] for p, k in g])))
+              for g in groups]
+
+    def identity_order(q_N):
+        return jnp.broadcast_to(jnp.arange(q_N.shape[-1]), q_N.shape[:2])
+
+    def keep(stacks):
+        return [(q_N, identity_order(q_N)) for _, q_N in stacks]
+
+    def first(stacks):
+        return [(_per_matrix(_eigenbasis, s_N), identity_order(q_N)) for s_N, q_N in stacks]
+
+    def refresh(stacks):
+        return [_per_matrix(_qr_refresh, s_N, q_N) for s_N, q_N in stacks]
+
+    results = jax.lax.switch(branch, [keep, first, refresh], stacks)
+    new_bases = [list(dims) for dims in bases]
+    orders = [[None] * len(dims) for dims in bases]
+    for g, (q_N, order_N) in zip(groups, results):
+        for n, (p, k) in enumerate(g):
+            new_bases[p][k], orders[p][k] = q_N[n], order_N[n]
+    return [tuple(b) for b in new_bases], [tuple(o) for o in orders]
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -200,26 +282,17 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
     def step(g, mu, nu, pc, t):
         """Direction and moments from the current bases; statistics absorb g (zero stats at
         the first call give exactly the reference's initial lerp from zero)."""
-        g_l = _to_layout(g.astype(dtype), pc.dims)
-        g_rot = project(g_l, pc.bases)
-        mu_l = b1 * _to_layout(mu, pc.dims) + (1 - b1) * g_rot
-        nu_l = b2 * _to_layout(nu, pc.dims) + (1 - b2) * jnp.square(g_rot)
-        direction = project_back(mu_l / (jnp.sqrt(nu_l) + eps), pc.bases).reshape(g.shape)
+        g = g.astype(dtype)
+        mu = b1 * mu + (1 - b1) * g
+        g_l = _to_layout(g, pc.dims)
+        nu_l = b2 * _to_layout(nu, pc.dims) + (1 - b2) * jnp.square(project(g_l, pc.bases))
+        adam = project(_to_layout(mu, pc.dims), pc.bases) / (jnp.sqrt(nu_l) + eps)
+        direction = project_back(adam, pc.bases).reshape(g.shape)
         if normalize_grads:
             direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
         tf = t.astype(dtype)
         direction = direction * (jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf))
-        return direction, mu_l, nu_l, update_statistics(pc.stats, g_l, sb)
-
-    def keep(stats, bases, mu_l, nu_l):
-        return bases, mu_l, nu_l
-
-    def first_bases(stats, bases, mu_l, nu_l):
-        return initial_bases(stats), mu_l, nu_l
-
-    def refresh(stats, bases, mu_l, nu_l):
-        new_bases, nu_l = refresh_bases(stats, bases, nu_l)
-        return new_bases, project(project_back(mu_l, bases), new_bases), nu_l
+        return direction, mu, nu_l.reshape(g.shape), update_statistics(pc.stats, g_l, sb)
 
     def update(updates, state, params=None):
         del params
@@ -230,27 +303,22 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
         # The first call only builds statistics and bases: no update, moments untouched.
         first = ~state.initialized
         directions = [jnp.where(first, 0, d).astype(g.dtype) for (d, *_), g in zip(outs, flat[0])]
-        mus = [jnp.where(first, _to_layout(mu, pc.dims), m) for (_, m, _, _), mu, pc in zip(outs, flat[1], flat[3])]
-        nus = [jnp.where(first, _to_layout(nu, pc.dims), n) for (*_, n, _), nu, pc in zip(outs, flat[2], flat[3])]
+        mus = [jnp.where(first, mu, m) for (_, m, _, _), mu in zip(outs, flat[1])]
+        nus = [jnp.where(first, nu, n) for (*_, n, _), nu in zip(outs, flat[2])]
         stats = [o[3] for o in outs]
 
-        # One conditional for every parameter's linear algebra (eigh on the first call, a QR
-        # refresh every precondition_frequency steps, nothing otherwise). The reference rotates
-        # exp_avg back and forth every step; between refreshes that is the identity, so the
-        # first moment is rotated only when the basis changes.
-        def branch(fn):
-            def run(operands):
-                return [fn(*x) for x in zip(*operands)]
-            return run
-        index = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
-        results = jax.lax.switch(index, [branch(keep), branch(first_bases), branch(refresh)],
-                                 (stats, [pc.bases for pc in flat[3]], mus, nus))
-        precond = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, (b, _, _) in zip(flat[3], stats, results)]
+        branch = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
+        bases, orders = update_bases(branch, stats, [pc.bases for pc in flat[3]])
+        for i, (pc, order) in enumerate(zip(flat[3], orders)):  # v follows the eigenvalue order
+            nu_l = _to_layout(nus[i], pc.dims)
+            for k, o in enumerate(order):
+                if o is not None:
+                    nu_l = jnp.take(nu_l, o, axis=k)
+            nus[i] = nu_l.reshape(mus[i].shape)
+        precond = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, b in zip(flat[3], stats, bases)]
         new_state = ScaleBySoapState(
             count=jnp.where(first, state.count, t), initialized=jnp.ones([], bool),
-            mu=treedef.unflatten([m.reshape(g.shape) for (_, m, _), g in zip(results, flat[0])]),
-            nu=treedef.unflatten([n.reshape(g.shape) for (_, _, n), g in zip(results, flat[0])]),
-            precond=treedef.unflatten(precond))
+            mu=treedef.unflatten(mus), nu=treedef.unflatten(nus), precond=treedef.unflatten(precond))
         return treedef.unflatten(directions), new_state
 
     return optax.GradientTransformation(init, update)
