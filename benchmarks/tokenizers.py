@@ -4,12 +4,16 @@
     python -m gqlm.tokenizers.gqvae.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
     PYTHONPATH=. python benchmarks/tokenizers.py [--vocab_sizes 1024,4096] [--lm=false]
 
-For each tokenizer and vocabulary size: bytes per token on the validation split, encode MB/s (a
-freshly loaded tokenizer, empty pretoken cache, jit compile excluded, encoding the whole split),
-and, with --lm, the validation bits per byte of the same small LM trained on it with the same
-number of training bytes (experiments/gqvae_lm_compare.py, run as `python -m gqlm.train`).
+For each tokenizer and vocabulary size: bytes per token on the validation split; encode MB/s on
+the whole split, cold (a freshly loaded tokenizer, jit compile excluded: for VQ/GQ-VAE the
+pretokens of the train split come from the table saved with the tokenizer, the held-out rest runs
+the model), cached (the same text again) and, for VQ/GQ-VAE, with no table (every distinct
+pretoken runs the model); and, with --lm, the validation bits per byte of the same small LM trained
+on it with the same number of training bytes (experiments/gqvae_lm_compare.py, run as
+`python -m gqlm.train`).
 Tokenizers are built once into --tok_dir (BPE trained on the train split; VQ/GQ-VAE vocabularies
-built from the checkpoints on the train split) and reused. A vocabulary the checkpoint cannot fill
+and pretoken tables built from the checkpoints on the train split) and reused; a VQ/GQ-VAE
+directory saved before tables existed gets its table added (its encodings do not change). A vocabulary the checkpoint cannot fill
 is reported as an error row. Writes --out (JSON) and the PNG beside it; prints a markdown table.
 """
 
@@ -57,6 +61,11 @@ def build(kind: str, vocab: int, train: list[str]) -> str:
     out = os.path.join(FLAGS.tok_dir, f"{kind}_{vocab}")
     spec = f"{'bpe' if kind == 'bpe' else 'gqvae'}:{out}"
     if os.path.exists(os.path.join(out, "gqlm_tokenizer.json")):
+        if kind != "bpe" and not os.path.exists(os.path.join(out, "pretokens.npz")):
+            from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
+            tok = GQVAETokenizer.load(out)
+            print(f"{kind} {vocab}: adding the train split's pretoken table ({tok.remember(train)} pretokens)", flush=True)
+            tok.save(out)
         return spec
     if kind == "bpe":
         from gqlm.tokenizers.bpe import train_bpe
@@ -78,22 +87,48 @@ def build(kind: str, vocab: int, train: list[str]) -> str:
 _BUILT: dict[tuple[str, int], Any] = {}  # (kind, vocab) -> tokenizer or the error building it
 
 
-def measure(spec: str, valid: list[str], train_head: str) -> dict[str, Any]:
-    tok = load_tokenizer(spec)  # fresh: empty cache
+def fresh(spec: str, **kwargs: Any) -> tuple[Any, float]:
+    """A freshly loaded tokenizer with its jit shapes compiled (seconds spent compiling)."""
+    if spec.startswith("gqvae:"):
+        from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
+        tok = GQVAETokenizer.load(spec.split(":", 1)[1], **kwargs)
+        t0 = time.perf_counter()
+        tok.precompile()  # every bucket shape (compiled once per process: later loads share them)
+        return tok, time.perf_counter() - t0
+    tok = load_tokenizer(spec)
     tok.encode("Warm up, the jit: compile is not encoding.")
-    t0 = time.perf_counter()
-    ids = tok.encode_batch(valid)
-    seconds = time.perf_counter() - t0
+    return tok, 0.0
+
+
+def timed_encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], float, float]:
+    """(ids, wall seconds, this process's CPU seconds: on a shared machine, near the wall time an
+    idle one would take, as encoding mostly runs on one core)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    ids = tok.encode_batch(texts)
+    return ids, time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(spec: str, valid: list[str], train_head: str) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    if spec.startswith("gqvae:"):  # No saved table: every distinct pretoken runs the model.
+        bare, row["compile_s"] = fresh(spec, table=False)
+        bare_ids, seconds, cpu = timed_encode(bare, valid)
+        n_bytes = sum(len(t.encode("utf-8", "surrogateescape")) for t in valid)
+        row.update(encode_mb_s_no_table=n_bytes / seconds / 1e6, encode_mb_cpu_s_no_table=n_bytes / cpu / 1e6)
+    tok, _ = fresh(spec)
+    ids, seconds, cpu = timed_encode(tok, valid)
     sizes = tok.token_bytes()
     n_bytes = sum(int(sizes[i].sum()) for i in ids)
     n_tokens = sum(len(i) for i in ids)
     assert all(tok.decode(i) == t for i, t in zip(ids, valid)), f"{spec} is not lossless"
-    t0 = time.perf_counter()
-    assert tok.encode_batch(valid) == ids  # again: VQ/GQ-VAE's pretoken cache is now warm
-    warm = time.perf_counter() - t0
+    assert not spec.startswith("gqvae:") or bare_ids == ids, f"{spec}: the table changes encodings"
+    again, warm, warm_cpu = timed_encode(tok, valid)  # VQ/GQ-VAE's pretoken cache is now warm
+    assert again == ids
     head = tok.encode(train_head)
     return {"vocab_size": tok.vocab_size, "bytes_per_token": n_bytes / n_tokens, "encode_mb_s": n_bytes / seconds / 1e6,
-            "encode_mb_s_warm": n_bytes / warm / 1e6, "train_bytes_per_token": float(sizes[head].sum()) / len(head)}
+            "encode_mb_s_warm": n_bytes / warm / 1e6, "encode_mb_cpu_s": n_bytes / cpu / 1e6,
+            "encode_mb_cpu_s_warm": n_bytes / warm_cpu / 1e6, **row,
+            "train_bytes_per_token": float(sizes[head].sum()) / len(head)}
 
 
 def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
@@ -129,7 +164,7 @@ def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| tokenizer | vocab | bytes/token | encode MB/s (cold / cached) | LM val bpb | LM seq_len (tokens) |",
+    lines = ["| tokenizer | vocab | bytes/token | encode MB/s (cold / cached / no table) | LM val bpb | LM seq_len (tokens) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -137,6 +172,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         bpb = f"{r['val_bpb']:.3f}" if "val_bpb" in r else r.get("lm_error", "-")
         warm = f" / {r['encode_mb_s_warm']:.2f}" if "encode_mb_s_warm" in r else ""
+        warm += f" / {r['encode_mb_s_no_table']:.2f}" if "encode_mb_s_no_table" in r else ""
         lines.append(f"| {r['kind']} | {r['vocab_size']} | {r['bytes_per_token']:.3f} | {r['encode_mb_s']:.2f}{warm} | "
                      f"{bpb} | {r.get('lm_seq_len', '-')} |")
     return "\n".join(lines)
@@ -182,7 +218,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.reuse_measurements:
         with open(FLAGS.reuse_measurements) as f:
             keep = ("kind", "requested_vocab", "spec", "vocab_size", "bytes_per_token", "encode_mb_s",
-                    "encode_mb_s_warm", "train_bytes_per_token", "error")
+                    "encode_mb_s_warm", "encode_mb_s_no_table", "encode_mb_cpu_s", "encode_mb_cpu_s_warm",
+                    "encode_mb_cpu_s_no_table", "compile_s", "train_bytes_per_token", "error")
             rows = [{k: r[k] for k in keep if k in r} for r in json.load(f)["rows"]]
         cases = []
     for kind, vocab in cases:
@@ -190,7 +227,9 @@ def main(argv: list[str]) -> None:
         try:
             specs[kind, vocab] = spec = build(kind, vocab, train)
             row.update(spec=spec, **measure(spec, valid, train_head))
-            print(f"{kind} {vocab}: {row['bytes_per_token']:.3f} bytes/token, {row['encode_mb_s']:.2f} MB/s", flush=True)
+            speeds = "/".join(f"{row[k]:.2f}" for k in ("encode_mb_s", "encode_mb_s_warm", "encode_mb_s_no_table") if k in row)
+            print(f"{kind} {vocab}: {row['bytes_per_token']:.3f} bytes/token, {speeds} MB/s (cold/cached/no table)",
+                  flush=True)
         except ConfigError as e:
             row["error"] = str(e)
             print(f"{kind} {vocab}: {e}", flush=True)
@@ -206,6 +245,8 @@ def main(argv: list[str]) -> None:
                 print(f"{r['kind']} {r['vocab_size']}: LM {res}", flush=True)
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     meta = {"corpus": "shakespeare", "validation_bytes": sum(len(t.encode("utf-8", "surrogateescape")) for t in valid),
+            "encode_timing": "whole validation split in one encode_batch; cold = fresh load, jit compiled first; "
+                             f"machine load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
             "lm_budget": f"same training bytes: {compare.STEPS} steps x {compare.BATCH} rows x ~{compare.BYTE_CONTEXT} "
                          f"bytes per row (seq_len = {compare.BYTE_CONTEXT} / bytes-per-token), tiny dense LM",
             "checkpoints": {"gqvae": FLAGS.gqvae_checkpoint, "vqvae": FLAGS.vqvae_checkpoint}}

@@ -9,6 +9,7 @@ import pytest
 from gqlm.config import ConfigError, base_config
 from gqlm.tokenizers.base import TokenizerDirError, has_surrogates, load_tokenizer, text_to_bytes
 from gqlm.tokenizers.gqvae import tokenizer as tokenizer_module
+from gqlm.tokenizers.gqvae.pretokenize import pretokens
 from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer, build_gqvae_tokenizer
 from gqlm.tokenizers.gqvae.train import CheckpointError, train_gqvae
 
@@ -73,8 +74,10 @@ def test_encoding_is_deterministic_and_cache_independent(built):
     ckpt, out, tok = built
     texts = random_texts(1, 10) + TEXTS
     first = [tok.encode(t) for t in texts]
-    fresh = GQVAETokenizer.load(out)  # empty cache, other batch composition
+    fresh = GQVAETokenizer.load(out)  # empty run-time cache, other batch composition
     assert fresh.encode_batch(list(reversed(texts))) == list(reversed(first))
+    bare = GQVAETokenizer.load(out, table=False)  # every pretoken through the model
+    assert [bare.encode(t) for t in reversed(texts)] == list(reversed(first))
     assert [tok.encode(t) for t in texts] == first  # now all cached
 
 
@@ -125,7 +128,8 @@ def test_cache_is_bounded(built, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "MAX_CACHE", 3)
     tok = GQVAETokenizer.load(out)
     text = random_texts(3, 1)[0] + TEXTS[1]
-    assert tok.decode(tok.encode(text)) == text and len(tok._cache) == 3
+    assert len(tok._table) > 0 and len(tok._cache) == len(tok._table)  # the saved table is not bounded
+    assert tok.decode(tok.encode(text)) == text and len(tok._cache) == len(tok._table) + 3
     assert tok.encode(text) == GQVAETokenizer.load(out).encode(text)
 
 
@@ -148,3 +152,93 @@ def test_build_many_matches_single_builds(built):
     assert isinstance(many[100_000], ConfigError) and "vocab_size=100000" in str(many[100_000])
     with pytest.raises(ConfigError, match="vocab_size=100000"):
         GQVAETokenizer.build_many(ckpt, [VOCAB, 100_000], TEXTS)
+
+
+def test_saved_table_is_what_the_model_gives(built, tmp_path):
+    _, out, tok = built
+    assert set(tok._table) == {p for t in TEXTS for p in pretokens(t)}
+    bare = GQVAETokenizer.load(out, table=False)
+    assert bare._table == {} and bare.fingerprint() != tok.fingerprint()
+    for text in TEXTS + random_texts(4, 10):
+        assert bare.encode(text) == tok.encode(text)
+    assert bare.remember(TEXTS) == len(tok._table) and bare._table == tok._table
+    bare.save(str(tmp_path))
+    assert GQVAETokenizer.load(str(tmp_path)).fingerprint() == tok.fingerprint()
+
+
+def test_bucketed_segmentation_matches_model_segment(built):
+    """The encoder path (pieces bucketed by length, nearest code by top_k) against model.segment
+    (argmin quantizer) on every piece padded to max_pretoken_len in one batch."""
+    import jax
+    from flax import nnx
+    from gqlm.tokenizers.gqvae.model import segment
+    from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, split_piece
+    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    _, _, tok = built
+    graphdef, _ = split_params(make_model(tok.cfg))
+    items = sorted({p for t in TEXTS + random_texts(5, 20) for p in pretokens(t)})
+    pieces = [c for p in items for c in split_piece(text_to_bytes(p), tok.cfg.max_pretoken_len)]
+    assert {len(c) for c in pieces} == set(range(1, tok.cfg.max_pretoken_len + 1))  # every bucket used
+    bytes_NT, lengths_N = pack_pieces(pieces, tok.cfg.max_pretoken_len)
+    ends_NT, codes_NT = jax.device_get(segment(nnx.merge(graphdef, tok.params), bytes_NT, lengths_N,
+                                               tok.cfg.max_token_len))
+    expected, n = {}, 0
+    for p in items:
+        segs = expected[p] = []
+        for piece in split_piece(text_to_bytes(p), tok.cfg.max_pretoken_len):
+            prev = 0
+            for end in np.flatnonzero(ends_NT[n]):
+                segs.append((piece[prev:end + 1], int(codes_NT[n, end])))
+                prev = end + 1
+            n += 1
+    assert tok._segment_pretokens(items) == expected
+
+
+def test_fixed_gates_skip_the_model():
+    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    c = base_config().gqvae
+    c.update(dict(embed_dim=8, num_heads=2, encoder_layers=1, gater_layers=1, mlp_dim=16, codebook_size=8,
+                  max_token_len=4, max_pretoken_len=4, fixed_gate_every=3))
+    graphdef, params = split_params(make_model(c))
+    tok = GQVAETokenizer(c, graphdef, params, [b"abc", b"yz"])
+    items = ["abcdefghijk", " x", "\u00e9\u00e9\u00e9\u00e9"]
+    for codes in (True, False):
+        segs = tok._segment_pretokens(items, codes=codes)
+        for p in items:  # pieces of 4 bytes, each cut every 3 bytes
+            data = text_to_bytes(p)
+            want = [data[i:i + 4][j:j + 3] for i in range(0, len(data), 4) for j in range(0, len(data[i:i + 4]), 3)]
+            assert [s for s, _ in segs[p]] == want
+            assert all((code == -1) != codes for _, code in segs[p])
+    assert tok.encode("abcxyz") == [259, ord("x"), 260]  # pieces "abcx" + "yz": "abc" "x" "yz"
+
+
+def test_corrupt_table_is_refused(built, tmp_path):
+    import shutil
+    _, out, tok = built
+    arrays = dict(np.load(os.path.join(out, tokenizer_module.TABLE_FILE)))
+    ids = arrays["ids"]
+    swap = int(np.flatnonzero((ids < 256) & (np.roll(ids, -1) < 256) & (ids != np.roll(ids, -1)))[0])
+    same_lengths = ids.copy()
+    same_lengths[[swap, swap + 1]] = ids[[swap + 1, swap]]  # same sizes, wrong bytes
+    for change in ({"ids": same_lengths}, {"ids": np.full_like(ids, 257)}, {"id_counts": arrays["id_counts"][:-1]}):
+        bad = tmp_path / f"bad_{len(os.listdir(tmp_path))}"
+        shutil.copytree(out, bad)
+        np.savez(bad / tokenizer_module.TABLE_FILE, **{**arrays, **change})
+        with pytest.raises(TokenizerDirError, match="pretokens.npz is corrupt") as info:
+            GQVAETokenizer.load(str(bad))
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    assert GQVAETokenizer.load(str(bad), table=False).encode(TEXTS[0]) == tok.encode(TEXTS[0])
+
+
+def test_table_of_any_text_survives_save_load(built, tmp_path):
+    _, out, tok = built
+    texts = random_texts(6, 20)  # lone surrogates and raw bytes in the table's keys
+    bare = GQVAETokenizer.load(out, table=False)
+    bare.remember(texts)
+    bare.save(str(tmp_path / "any"))
+    loaded = GQVAETokenizer.load(str(tmp_path / "any"))
+    assert loaded._table == bare._table and any(has_surrogates(p) for p in loaded._table)
+    assert [loaded.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    empty = GQVAETokenizer.load(out, table=False)
+    empty.save(str(tmp_path / "empty"))
+    assert GQVAETokenizer.load(str(tmp_path / "empty"))._table == {}

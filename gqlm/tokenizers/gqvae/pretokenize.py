@@ -36,13 +36,18 @@ def pieces(text: str, max_len: int) -> Iterator[bytes]:
         yield from split_piece(text_to_bytes(p), max_len)
 
 
-def pack_pieces(chunks: Sequence[bytes], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[N, max_len] int32 bytes (BYTE_PAD after the end) and [N] int32 lengths."""
-    out = np.full((len(chunks), max_len), BYTE_PAD, np.int32)
-    lengths = np.zeros((len(chunks),), np.int32)
-    for i, c in enumerate(chunks):
-        out[i, :len(c)] = np.frombuffer(c, np.uint8)
-        lengths[i] = len(c)
+def pack_pieces(chunks: Sequence[bytes], max_len: int, rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[N, max_len] int32 bytes (BYTE_PAD after the end) and [N] int32 lengths; with `rows` > N,
+    padded with empty rows (length 0) to `rows`."""
+    n = max(rows, len(chunks))
+    out = np.full((n, max_len), BYTE_PAD, np.int32)
+    lengths = np.zeros((n,), np.int32)
+    lengths[:len(chunks)] = np.fromiter(map(len, chunks), np.int32, len(chunks))
+    flat = np.frombuffer(b"".join(chunks), np.uint8)
+    if flat.size:  # Scatter all bytes at once: row r, column = offset within its chunk.
+        starts = np.cumsum(lengths) - lengths
+        row = np.repeat(np.arange(n), lengths)
+        out[row, np.arange(flat.size) - starts[row]] = flat
     return out, lengths
 
 

@@ -1,20 +1,25 @@
 """GQVAETokenizer: segments text with a trained GQ-VAE's gate; lossless byte fallback.
 
 Ids: 0..255 the bytes, 256 bos, 257 eos, 258 pad, then the learned tokens (multi-byte strings).
-`encode` cuts the text into GPT-2 pretokens, each into pieces of at most `max_pretoken_len` bytes,
-runs the encoder + quantizer + gater over the pieces (batched, jitted) and cuts each piece where
-the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in the vocabulary is one
-id; any other segment is spelled with the longest vocabulary strings that prefix what is left of
-it, else single bytes, so every text round-trips. Results are cached
-per pretoken.
+`encode` cuts the text into GPT-2 pretokens; each pretoken's ids come from a cache that starts as
+the table of the training text's pretokens saved with the tokenizer (`pretokens.npz`). Only the
+distinct misses run the model: each is cut into pieces of at most `max_pretoken_len` bytes; pieces
+are grouped by padded length (`BUCKETS`) into fixed [POSITIONS // T, T] batches, so a piece always
+meets the same compiled shape whatever else is encoded, and every batch is dispatched before any
+result is read. The encoder + quantizer + gater cut each
+piece where the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in the
+vocabulary is one id; any other segment is spelled with the longest vocabulary strings that prefix
+what is left of it, else single bytes, so every text round-trips.
 
 The vocabulary (`build`): for each code, the byte string it most often ends on `texts`; the codes'
-strings, ranked by how often they occur, fill the learned ids.
+strings, ranked by how often they occur, fill the learned ids. The table holds the ids of the
+`MAX_TABLE` most frequent pretokens of `texts`, computed by the same model code.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import os
@@ -28,18 +33,56 @@ from flax import nnx
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.tokenizers.base import (TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
-from gqlm.tokenizers.gqvae.model import segment
+from gqlm.tokenizers.gqvae.model import GQVAE, finalize_gates, fixed_gates, hard_boundaries, valid_mask
 from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, pretokens, split_piece
 from gqlm.tokenizers.gqvae.train import config_from_dict, load_checkpoint, make_model, split_params
 
 KIND = "gqvae"
 FORMAT_VERSION = 1
 PARAMS_FILE = "params.npz"
+TABLE_FILE = "pretokens.npz"  # optional: directories without it encode the same, only slower
 NUM_SPECIAL = 3
 FIRST_LEARNED = 256 + NUM_SPECIAL
-ROWS = 256  # pieces per model call; one fixed shape, so one compile and batch-independent results
-MAX_CACHE = 1_000_000  # pretokens remembered
-ENCODING = "gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
+BUCKETS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)  # padded piece lengths (+ max_pretoken_len)
+POSITIONS = 512  # byte positions per model call: the [rows x codebook] distances stay in cache
+MAX_CACHE = 1_000_000  # pretokens remembered at run time, beyond the saved table
+MAX_TABLE = 200_000  # most frequent pretokens of the build texts whose ids are saved
+ENCODING = "bucketed-gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
+
+
+def buckets_for(max_len: int) -> tuple[int, ...]:
+    """The padded lengths pieces of at most `max_len` bytes are run at."""
+    return tuple(b for b in BUCKETS if b < max_len) + (max_len,)
+
+
+def nearest_codes(z_ND: jnp.ndarray, codebook_CD: jnp.ndarray) -> jnp.ndarray:
+    """[N] int32 argmin_c ||z - e_c||^2 (ties: the lowest index), the quantizer's, ~2x faster on
+    XLA:CPU, where index-tracking reductions are slow: a plain max over each of G blocks of codes,
+    then an index reduction only over the block maxima and inside the winning block."""
+    # The quantizer's expansion ||e||^2 - 2 z.e, negated exactly: the largest score is the nearest.
+    score_NC = 2.0 * (z_ND @ codebook_CD.T) - jnp.sum(jnp.square(codebook_CD), -1)[None, :]
+    n, c = score_NC.shape
+    g = next(k for k in (64, 32, 16, 8, 4, 2, 1) if c % k == 0)
+    score_NGK = score_NC.reshape(n, g, c // g)
+    block_N = jnp.argmax(jnp.max(score_NGK, axis=-1), axis=-1)  # the first block holding the maximum
+    inner_N = jnp.argmax(jnp.take_along_axis(score_NGK, block_N[:, None, None], axis=1)[:, 0], axis=-1)
+    return (block_N * (c // g) + inner_N).astype(jnp.int32)
+
+
+def segment_pieces(model: GQVAE, bytes_BT: jnp.ndarray, lengths_B: jnp.ndarray, max_token_len: int,
+                   fixed_gate_every: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(token-end booleans [B, T], codes [B, T]): `model.segment` with the faster `nearest_codes`."""
+    valid_BT = valid_mask(lengths_B, bytes_BT.shape[1])
+    z_BTD = model.encoder(bytes_BT, valid_BT)
+    codebook_CD = model.quantizer.codebook[...]
+    b, t, d = z_BTD.shape
+    codes_BT = nearest_codes(z_BTD.reshape(b * t, d), codebook_CD).reshape(b, t)
+    if fixed_gate_every:
+        g_BT = fixed_gates(lengths_B, t, fixed_gate_every)
+    else:
+        e_BTD = jnp.take(codebook_CD, codes_BT, axis=0)
+        g_BT = finalize_gates(jax.nn.sigmoid(model.gater(e_BTD, valid_BT)), lengths_B)
+    return hard_boundaries(g_BT, lengths_B, max_token_len), codes_BT
 
 
 class GQVAETokenizer:
@@ -54,11 +97,17 @@ class GQVAETokenizer:
         self._id_bytes = [bytes([b]) for b in range(256)] + [b""] * NUM_SPECIAL + self.tokens
         self._token_to_id = {t: FIRST_LEARNED + i for i, t in enumerate(self.tokens)}
         self._longest = max(map(len, self.tokens), default=1)
-        self._cache: dict[str, list[int]] = {}
-        m, every = cfg.max_token_len, cfg.fixed_gate_every
-        self._segment = jax.jit(lambda p, b, n: segment(nnx.merge(graphdef, p), b, n, m, every))
-        self._fingerprint = fingerprint_of(KIND, str(FORMAT_VERSION), ENCODING, repr(sorted(cfg.to_dict().items())),
-                                           b"\0".join(self.tokens), _params_digest(self.params))
+        self._table: dict[str, list[int]] = {}  # pretoken -> ids, saved with the tokenizer
+        self._cache: dict[str, list[int]] = {}  # the table + what encoding met since (MAX_CACHE more)
+        self._buckets = buckets_for(cfg.max_pretoken_len)
+        self._bucket_of = [next(b for b in self._buckets if b >= n) for n in range(cfg.max_pretoken_len + 1)]
+        every = cfg.fixed_gate_every
+        self._segment = _jitted_segmenter(graphdef, cfg.max_token_len, every, False)
+        # Fixed gates do not depend on the model: encoding then skips it (XLA drops the unused encoder).
+        self._ends = _jitted_segmenter(graphdef, cfg.max_token_len, every, True) if every else None
+        self._base_fingerprint = (KIND, str(FORMAT_VERSION), ENCODING, repr(sorted(cfg.to_dict().items())),
+                                  b"\0".join(self.tokens), _params_digest(self.params))
+        self._fingerprint = ""
 
     # ------------------------------------------------------------------------- building
 
@@ -72,12 +121,15 @@ class GQVAETokenizer:
                    strict: bool = True) -> dict[int, Any]:
         """One tokenizer per size from one segmentation of `texts` (the ranking does not depend on
         the size). A size exceeding the codes in use raises ConfigError naming it, or with
-        `strict=False` maps to that (unraised) error."""
+        `strict=False` maps to that (unraised) error. Each keeps the table of `texts`' pretokens."""
         cfg, graphdef, params = load_checkpoint(checkpoint_dir)
         for v in vocab_sizes:
             if v < FIRST_LEARNED:
                 raise ConfigError(f"vocab_size={v} must be at least {FIRST_LEARNED} (256 bytes + 3 specials)")
-        ranked = cls(cfg, graphdef, params, [])._ranked_code_strings(texts)
+        counts = _pretoken_counts(texts)
+        segmented = cls(cfg, graphdef, params, [])._segment_pretokens(list(counts))
+        ranked = _ranked_code_strings(segmented, counts)
+        frequent = [p for p, _ in counts.most_common(MAX_TABLE)]
         out: dict[int, Any] = {}
         for v in vocab_sizes:
             if v - FIRST_LEARNED > len(ranked):
@@ -88,69 +140,88 @@ class GQVAETokenizer:
                 if strict:
                     raise out[v]
             else:
-                out[v] = cls(cfg, graphdef, params, ranked[:v - FIRST_LEARNED])
+                tok = out[v] = cls(cfg, graphdef, params, ranked[:v - FIRST_LEARNED])
+                tok._extend_table({p: tok._ids(segmented[p]) for p in frequent})
         return out
 
-    def _ranked_code_strings(self, texts: Iterable[str]) -> list[bytes]:
-        """For each code, the byte string it most often ends on `texts`; the multi-byte ones,
-        ranked by how often they occur."""
-        counts = collections.Counter()
-        for text in texts:
-            counts.update(pretokens(text))
-        pair_counts: collections.Counter = collections.Counter()
-        for pretoken, segments in self._segment_pretokens(list(counts)).items():
-            for seg, code in segments:
-                pair_counts[code, seg] += counts[pretoken]
-        best: dict[int, tuple[int, bytes]] = {}  # code -> (count, its most frequent string)
-        for (code, seg), n in pair_counts.items():
-            if (n, seg) > best.get(code, (0, b"")):
-                best[code] = (n, seg)
-        strings: dict[bytes, int] = {}
-        for n, seg in best.values():
-            if len(seg) > 1:
-                strings[seg] = max(n, strings.get(seg, 0))
-        return sorted(strings, key=lambda s: (-strings[s], s))
+    def remember(self, texts: Iterable[str]) -> int:
+        """Adds the most frequent pretokens of `texts` to the saved table (up to MAX_TABLE in all),
+        e.g. for a directory built before tables existed; encodings do not change. Returns its size."""
+        new = [p for p, _ in _pretoken_counts(texts).most_common() if p not in self._table]
+        self._extend_table(self._fill(new[:max(0, MAX_TABLE - len(self._table))]))
+        return len(self._table)
 
-    def _segment_pretokens(self, items: Sequence[str]) -> dict[str, list[tuple[bytes, int]]]:
-        """Each pretoken -> its segments (byte string, code at the segment's last byte)."""
+    def _extend_table(self, entries: dict[str, list[int]]) -> None:
+        self._table.update(entries)
+        self._cache.update(entries)
+        self._fingerprint = ""
+
+    def _segment_pretokens(self, items: Sequence[str], codes: bool = True) -> dict[str, list[tuple[bytes, int]]]:
+        """Each pretoken -> its segments (byte string, code at the segment's last byte; -1 with
+        `codes=False` when the gates are fixed, as the model is then skipped)."""
         owners, chunks = [], []
         for i, p in enumerate(items):
             for c in split_piece(text_to_bytes(p), self.cfg.max_pretoken_len):
                 owners.append(i)
                 chunks.append(c)
         out: dict[str, list[tuple[bytes, int]]] = {p: [] for p in items}
-        for start in range(0, len(chunks), ROWS):
-            batch = chunks[start:start + ROWS]
-            batch = batch + [b"\0"] * (ROWS - len(batch))
-            bytes_RT, lengths_R = pack_pieces(batch, self.cfg.max_pretoken_len)
-            ends_RT, codes_RT = jax.device_get(self._segment(self.params, bytes_RT, lengths_R))
-            for r in range(min(ROWS, len(chunks) - start)):
-                piece = chunks[start + r]
-                segs = out[items[owners[start + r]]]
-                prev = 0
-                for end in np.flatnonzero(ends_RT[r]).tolist():
-                    segs.append((piece[prev:end + 1], int(codes_RT[r, end])))
-                    prev = end + 1
+        for piece, owner, (ends, piece_codes) in zip(chunks, owners, self._run_pieces(chunks, codes)):
+            segs, prev = out[items[owner]], 0
+            for end, code in zip(ends, piece_codes):
+                segs.append((piece[prev:end + 1], code))
+                prev = end + 1
         return out
+
+    def _run_pieces(self, chunks: Sequence[bytes], codes: bool) -> list[tuple[list[int], list[int]]]:
+        """For each piece: (the positions where its segments end, the codes there). A piece's
+        batch shape depends on its length alone; all batches are dispatched before any is read."""
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i, c in enumerate(chunks):
+            groups[self._bucket_of[len(c)]].append(i)
+        fn = self._segment if codes or self._ends is None else self._ends
+        pending = []
+        for length, members in sorted(groups.items()):
+            rows = max(1, POSITIONS // length)
+            for start in range(0, len(members), rows):
+                part = members[start:start + rows]
+                bytes_RT, lengths_R = pack_pieces([chunks[i] for i in part], length, rows)
+                pending.append((part, fn(self.params, bytes_RT, lengths_R)))
+        out: list[Any] = [None] * len(chunks)
+        for part, result in pending:
+            ends_RT, codes_RT = jax.device_get(result) if fn is self._segment else (jax.device_get(result), None)
+            rows_E, cols_E = np.nonzero(ends_RT[:len(part)])
+            picked = codes_RT[rows_E, cols_E].tolist() if codes_RT is not None else [-1] * len(cols_E)
+            bounds = np.searchsorted(rows_E, np.arange(len(part) + 1)).tolist()
+            cols = cols_E.tolist()
+            for r, i in enumerate(part):
+                out[i] = (cols[bounds[r]:bounds[r + 1]], picked[bounds[r]:bounds[r + 1]])
+        return out
+
+    def precompile(self) -> None:
+        """Compiles encoding's batch shapes now (its first calls would otherwise)."""
+        fn = self._segment if self._ends is None else self._ends
+        for length in self._buckets:
+            bytes_RT, lengths_R = pack_pieces([], length, max(1, POSITIONS // length))
+            jax.block_until_ready(fn(self.params, bytes_RT, lengths_R))
 
     # ------------------------------------------------------------------------- encoding
 
+    def _ids(self, segments: Iterable[tuple[bytes, int]]) -> list[int]:
+        lookup, ids = self._token_to_id.get, []
+        for seg, _ in segments:
+            tid = lookup(seg)
+            if tid is None:
+                ids.extend(self._spell(seg))
+            else:
+                ids.append(tid)
+        return ids
+
     def _fill(self, items: Iterable[str]) -> dict[str, list[int]]:
-        """Ids of uncached pretokens; remembered while the cache has room."""
-        found: dict[str, list[int]] = {}
-        lookup = self._token_to_id.get
-        for p, segments in self._segment_pretokens(list(items)).items():
-            ids: list[int] = []
-            for seg, _ in segments:
-                tid = lookup(seg)
-                if tid is None:
-                    ids.extend(self._spell(seg))
-                else:
-                    ids.append(tid)
-            found[p] = ids
-        room = MAX_CACHE - len(self._cache)
+        """Ids of uncached pretokens; remembered while the run-time cache has room."""
+        found = {p: self._ids(segs) for p, segs in self._segment_pretokens(list(items), codes=False).items()}
+        room = MAX_CACHE - (len(self._cache) - len(self._table))
         if room > 0:
-            self._cache.update(found if len(found) <= room else dict(list(found.items())[:room]))
+            self._cache.update(found if len(found) <= room else dict(itertools.islice(found.items(), room)))
         return found
 
     def _spell(self, seg: bytes) -> list[int]:
@@ -169,26 +240,21 @@ class GQVAETokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        pts = pretokens(text)
-        try:  # Fast path: every pretoken cached.
-            out = list(itertools.chain.from_iterable(map(self._cache.__getitem__, pts)))
-        except KeyError:
-            return self._encode_slow(text, pts, self._fill(set(pts) - self._cache.keys()))
-        return self._checked(text, out)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         pts_list = [pretokens(t) for t in texts]
-        missing = set().union(*pts_list) - self._cache.keys() if pts_list else set()
-        found = self._fill(missing) if missing else {}
-        return [self._encode_slow(t, pts, found) for t, pts in zip(texts, pts_list)]
-
-    def _encode_slow(self, text: str, pts: list[str], found: dict[str, list[int]]) -> list[int]:
-        get = self._cache.get
-        out: list[int] = []
-        for p in pts:
-            ids = get(p)
-            out += found[p] if ids is None else ids
-        return self._checked(text, out)
+        get = self._cache.__getitem__
+        try:  # Fast path: every pretoken cached.
+            return [self._checked(t, list(itertools.chain.from_iterable(map(get, pts))))
+                    for t, pts in zip(texts, pts_list)]
+        except KeyError:
+            pass
+        missing = set().union(*pts_list) - self._cache.keys()
+        found = self._fill(sorted(missing))  # sorted: the same batches whatever the set order
+        if any(p not in self._cache for p in found):  # The run-time cache is full: look in `found` too.
+            get = collections.ChainMap(self._cache, found).__getitem__
+        return [self._checked(t, list(itertools.chain.from_iterable(map(get, pts)))) for t, pts in zip(texts, pts_list)]
 
     def _checked(self, text: str, ids: list[int]) -> list[int]:
         # Lone surrogates are the one case where per-pretoken bytes could decode differently from
@@ -206,6 +272,9 @@ class GQVAETokenizer:
         return np.array([len(b) for b in self._id_bytes], np.int32)
 
     def fingerprint(self) -> str:
+        if not self._fingerprint:  # The table decides its pretokens' ids, so it is part of the identity.
+            table = _table_arrays(self._table)
+            self._fingerprint = fingerprint_of(*self._base_fingerprint, *(table[k].tobytes() for k in sorted(table)))
         return self._fingerprint
 
     # ------------------------------------------------------------------------- save / load
@@ -217,9 +286,11 @@ class GQVAETokenizer:
         flat = {"/".join(str(getattr(k, "key", k)) for k in path_): np.asarray(v)
                 for path_, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
         np.savez(os.path.join(path, PARAMS_FILE), **flat)
+        np.savez(os.path.join(path, TABLE_FILE), **_table_arrays(self._table))
 
     @classmethod
-    def load(cls, path: str) -> "GQVAETokenizer":
+    def load(cls, path: str, table: bool = True) -> "GQVAETokenizer":
+        """`table=False` ignores the saved pretoken table (encodings are the same, only slower)."""
         manifest = read_manifest(path, KIND, FORMAT_VERSION)
         where = f"gqvae tokenizer directory {path!r}"
         try:
@@ -242,7 +313,81 @@ class GQVAETokenizer:
         if tok.vocab_size != manifest.get("vocab_size"):
             raise TokenizerDirError(f"{where}: manifest vocab_size {manifest.get('vocab_size')!r} "
                                     f"does not match its {len(tokens)} tokens")
+        table_file = os.path.join(path, TABLE_FILE)
+        if table and os.path.exists(table_file):
+            try:
+                with np.load(table_file) as npz:
+                    tok._extend_table(_table_from_arrays(dict(npz), tok._id_bytes))
+            except (KeyError, ValueError, OSError) as e:
+                raise TokenizerDirError(f"{where}: {TABLE_FILE} is corrupt ({type(e).__name__}: {e})") from None
         return tok
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_segmenter(graphdef: nnx.GraphDef, max_token_len: int, fixed_gate_every: int, ends_only: bool) -> Any:
+    """`segment_pieces` jitted over (params, bytes, lengths); shared by tokenizers of one model,
+    so a freshly loaded tokenizer reuses the compiled shapes."""
+    def run(params, bytes_BT, lengths_B):
+        out = segment_pieces(nnx.merge(graphdef, params), bytes_BT, lengths_B, max_token_len, fixed_gate_every)
+        return out[0] if ends_only else out
+    return jax.jit(run)
+
+
+def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(pretokens(text))
+    return counts
+
+
+def _ranked_code_strings(segmented: dict[str, list[tuple[bytes, int]]], counts: collections.Counter) -> list[bytes]:
+    """For each code, the byte string it most often ends (weighted by pretoken counts); the
+    multi-byte ones, ranked by how often they occur."""
+    pair_counts: collections.Counter = collections.Counter()
+    for pretoken, segments in segmented.items():
+        for seg, code in segments:
+            pair_counts[code, seg] += counts[pretoken]
+    best: dict[int, tuple[int, bytes]] = {}  # code -> (count, its most frequent string)
+    for (code, seg), n in pair_counts.items():
+        if (n, seg) > best.get(code, (0, b"")):
+            best[code] = (n, seg)
+    strings: dict[bytes, int] = {}
+    for n, seg in best.values():
+        if len(seg) > 1:
+            strings[seg] = max(n, strings.get(seg, 0))
+    return sorted(strings, key=lambda s: (-strings[s], s))
+
+
+def _table_arrays(table: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """pretoken -> ids as flat arrays: the pretokens' bytes (text_to_bytes) and ids, with lengths."""
+    keys = [text_to_bytes(p) for p in table]
+    return {"pretoken_bytes": np.frombuffer(b"".join(keys), np.uint8),
+            "pretoken_lengths": np.array([len(k) for k in keys], np.int64),
+            "ids": np.fromiter(itertools.chain.from_iterable(table.values()), np.int32),
+            "id_counts": np.array([len(v) for v in table.values()], np.int64)}
+
+
+def _table_from_arrays(arrays: dict[str, np.ndarray], id_bytes: Sequence[bytes]) -> dict[str, list[int]]:
+    """Inverse of `_table_arrays`, checking that each entry's ids spell its pretoken (losslessness
+    must not rest on a file): ValueError otherwise."""
+    blob, key_len = arrays["pretoken_bytes"].tobytes(), arrays["pretoken_lengths"]
+    ids, id_counts = arrays["ids"], arrays["id_counts"]
+    if len(id_counts) != len(key_len) or int(key_len.sum()) != len(blob) or int(id_counts.sum()) != len(ids):
+        raise ValueError("array lengths disagree")
+    if len(ids) and ((ids < 0) | (ids >= len(id_bytes)) | ((ids >= 256) & (ids < FIRST_LEARNED))).any():
+        raise ValueError("an id outside the vocabulary")
+    if (id_counts < 1).any() or (key_len < 1).any():
+        raise ValueError("an empty entry")
+    ids_list, id_ends = ids.tolist(), np.cumsum(id_counts).tolist()
+    id_starts = [0] + id_ends[:-1]
+    sizes = np.array([len(b) for b in id_bytes], np.int64)
+    # Same bytes overall and same length per entry: then every entry spells its own pretoken.
+    if (len(ids) and not np.array_equal(np.add.reduceat(sizes[ids], id_starts), key_len)) or \
+            b"".join(map(id_bytes.__getitem__, ids_list)) != blob:
+        raise ValueError("ids that do not spell their pretokens")
+    key_ends = np.cumsum(key_len).tolist()
+    return {bytes_to_text(blob[a:b]): ids_list[c:d]
+            for a, b, c, d in zip([0] + key_ends[:-1], key_ends, id_starts, id_ends)}
 
 
 def _params_digest(params: Any) -> bytes:
