@@ -1,18 +1,27 @@
 """GQ-VAE tokenizer model on Shakespeare (byte-level, learned variable-length tokens).
 
-    python -m gqlm.tokenizers.gqvae.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
-    python -m gqlm.tokenizers.gqvae.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k
     python -m gqlm.tokenize --kind gqvae --checkpoint workdirs/gqvae --vocab_size 1024 --out workdirs/gqvae_1k
 
-Trains the GQ-VAE for `train.steps` steps on the train split and saves the checkpoint to --workdir;
-`gqlm.tokenize` then builds an N-id tokenizer from it (`data.tokenizer=gqvae:workdirs/gqvae_1k`).
-One 4096-code model serves the 1k and 4k vocabularies (the most used codes' strings fill them).
-Measured on the shared 2-core CPU (load ~10-20 from other jobs): 400 steps of 128 pieces, ~15 min
-per model, far from the paper's budget; see
-benchmarks/results/tokenizers.json for what the tokenizers reach.
+The runner trains the GQ-VAE (`gqvae.train_tokenizer=True`) for `train.steps` steps on the train
+split: orbax checkpoints in --workdir/checkpoints (re-running resumes), metrics in
+--workdir/metrics.jsonl and tensorboard (byte_accuracy, mean_gate, mean_token_len, codes_in_use,
+codebook_usage, codebook_perplexity). `gqlm.tokenize` then builds an N-id tokenizer from the
+checkpoint (`data.tokenizer=gqvae:workdirs/gqvae_1k`). `config.optimizer` is not read: the GQ-VAE
+has its own Adam (`gqvae.learning_rate`, codebook x `gqvae.codebook_lr_multiplier`).
 
-Variants: `:vqvae` is the paper's VQ-VAE baseline (same model, a token end every 4 bytes);
-`:smoke` is the same code path shrunk to seconds, for tests.
+Variants:
+- (none): one 4096-code model for the 1k and 4k vocabularies (the most used codes' strings fill
+  them). 400 steps of 128 pieces; ~15 min on the shared 2-core CPU, far from the paper's budget.
+- `:vqvae`: the paper's VQ-VAE baseline (same model, a token end every 4 bytes).
+- `:v8k`: aims at an 8k vocabulary (7933 distinct multi-byte code strings): a 16384-code book,
+  re-seeded every 25 steps from a buffer of recent encoder outputs, 2000 steps of 256 pieces.
+  Measured (benchmarks/gqvae_codes.py, results/gqvae_codes.json; 1-4 s/step on the shared CPU):
+  ~8.4k codes in use per 25-step window from step 300 on, but only 5331 (step 400) and 5610
+  (step 800) distinct code strings on the train split: 4k builds, 8k does NOT yet.
+- `:smoke`: the same code path shrunk to seconds, for tests.
 """
 
 import ml_collections
@@ -24,6 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.corpus = "shakespeare"
     q = config.gqvae
+    q.train_tokenizer = True
     q.embed_dim = 64
     q.num_heads = 4
     q.encoder_layers = 2
@@ -35,15 +45,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The paper's 500 warm-up steps / 250-step re-seeding, scaled to this short CPU budget.
     q.warmup_steps = 100
     q.reseed_every = 50
-    config.train.steps = 400
-    config.train.log_every = 50
+    t = config.train
+    t.update(dict(steps=400, log_every=50, eval_every=200, eval_batches=8, checkpoint_every=200, sample_tokens=0))
     if arg == "vqvae":
         q.fixed_gate_every = 4
+    elif arg == "v8k":
+        q.codebook_size = 16384
+        q.batch_size = 256
+        q.reseed_every = 25
+        t.steps = 2000
+        t.eval_every = t.checkpoint_every = 500
     elif arg == "smoke":
         q.embed_dim, q.num_heads, q.encoder_layers, q.gater_layers, q.mlp_dim = 16, 2, 1, 1, 32
         q.codebook_size, q.batch_size, q.warmup_steps, q.reseed_every = 64, 32, 5, 5
-        config.train.steps = 20
-        config.train.log_every = 10
+        t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 10, 10, 2, 10
+        t.progress = False
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} (known: vqvae, smoke)")
+        raise ValueError(f"unknown variant {arg!r} (known: vqvae, v8k, smoke)")
     return config

@@ -18,7 +18,8 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-SYNTHETIC_TASKS = ("copy", "recall", "parity", "addition")  # gqlm/data/synthetic.py
+SYNTHETIC_TASKS = ("copy", "recall", "parity", "addition", "phonebook")  # gqlm/data/synthetic.py
+PHONEBOOK_NAMES = 26**4  # phonebook names are 4 lowercase letters (gqlm/data/synthetic.py)
 
 # Logical axis -> mesh axes. Changing parallelism is an edit of this table (or the mesh sizes).
 DEFAULT_RULES = (
@@ -93,6 +94,7 @@ def base_config() -> ConfigDict:
     d.synthetic_max_len = 8
     d.synthetic_seed = 0  # the example stream and parity's secret positions
     d.synthetic_parity_k = 3  # k of k-sparse parity (secret positions < synthetic_min_len)
+    d.synthetic_phonebook_size = 2000  # entries of phonebook's fixed book (4-letter names, seed-fixed)
 
     c.optimizer = o = ConfigDict()
     o.name = "adamw"  # adamw | lion | signum | adafactor | sgd | adalayer | soap
@@ -142,6 +144,7 @@ def base_config() -> ConfigDict:
 
     # GQ-VAE tokenizer model (gqlm/tokenizers/gqvae); trained separately from the LM.
     c.gqvae = q = ConfigDict()
+    q.train_tokenizer = False  # True: `python -m gqlm.train` trains this GQ-VAE, not an LM (gqlm/train/task.py)
     q.embed_dim = 128
     q.num_heads = 4
     q.encoder_layers = 2
@@ -322,6 +325,9 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         _check(d.corpus != "synthetic:parity" or 1 <= d.synthetic_parity_k <= d.synthetic_min_len,
                f"data.synthetic_parity_k={d.synthetic_parity_k} must lie in [1, data.synthetic_min_len="
                f"{d.synthetic_min_len}]")
+        _check(d.corpus != "synthetic:phonebook" or 1 <= d.synthetic_phonebook_size <= PHONEBOOK_NAMES,
+               f"data.synthetic_phonebook_size={d.synthetic_phonebook_size} must lie in [1, {PHONEBOOK_NAMES}] "
+               f"(the distinct 4-letter names)")
     _check(d.corpus != "text_files" or bool(d.glob), "data.glob must be set when data.corpus='text_files'")
     _check(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     for key in ("b1", "b2"):

@@ -1,7 +1,6 @@
 """GQ-VAE training: the loss falls, re-seeding runs, checkpoints round-trip, bad paths fail clearly."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -56,10 +55,10 @@ def test_codebook_gets_its_own_learning_rate():
         np.testing.assert_allclose(np.abs(np.asarray(u)), expected, rtol=1e-3)
 
 
-def test_checkpoint_round_trip(trained):
+def test_checkpoint_holds_the_trained_model(trained):
     workdir, params, _ = trained
     cfg, _, restored = load_checkpoint(workdir)
-    assert cfg.codebook_size == 32 and cfg.max_token_len == 4
+    assert cfg.codebook_size == 32 and cfg.max_token_len == 4 and cfg.train_tokenizer
     jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
 
 
@@ -68,17 +67,22 @@ def test_bad_checkpoint_paths(tmp_path, trained):
         load_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="is not a GQ-VAE checkpoint"):
         load_checkpoint(str(tmp_path))
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is not a GQ-VAE checkpoint.*no complete"):
+        load_checkpoint(str(empty))
+    # The first driver's format (gqvae.json + params) is still read; its errors name the path.
     other = tmp_path / "other"
     other.mkdir()
     (other / "gqvae.json").write_text(json.dumps({"kind": "bpe"}))
     with pytest.raises(CheckpointError, match="is not a GQ-VAE checkpoint"):
         load_checkpoint(str(other))
-    manifest = json.load(open(os.path.join(trained[0], "gqvae.json")))
+    manifest = {"kind": "gqvae_checkpoint", "format_version": 1, "gqvae": tiny_config().gqvae.to_dict()}
     (other / "gqvae.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(str(other))
     (other / "gqvae.json").write_text(json.dumps(manifest))  # right manifest, no params
-    with pytest.raises(CheckpointError, match="unreadable params"):
+    with pytest.raises(CheckpointError, match=f"{other}.*unreadable params"):
         load_checkpoint(str(other))
     assert issubclass(CheckpointError, ConfigError)
 
@@ -92,6 +96,7 @@ def test_empty_texts_fail_clearly(tmp_path):
 def test_experiment_smoke_variant_trains(tmp_path):
     validate_gqvae(load_experiment("experiments/gqvae_shakespeare.py").gqvae)
     assert load_experiment("experiments/gqvae_shakespeare.py:vqvae").gqvae.fixed_gate_every == 4
+    assert load_experiment("experiments/gqvae_shakespeare.py:v8k").gqvae.codebook_size >= 2 * 8192
     config = load_experiment("experiments/gqvae_shakespeare.py:smoke")
     _, _, history = train_gqvae(config, TEXTS, str(tmp_path), config.train.steps, log_every=10)
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)

@@ -6,7 +6,7 @@ Shared by training, evaluation and sampling, so all three see the same model and
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ from gqlm import config as config_lib
 from gqlm.config import ConfigDict, ConfigError
 from gqlm import mesh as mesh_lib
 from gqlm.mesh import make_mesh
-from gqlm.models.flops import count_params, flops_per_token
 from gqlm.optim.factory import make_optimizer
 from gqlm.tokenizers.base import Tokenizer, load_tokenizer
 from gqlm.train import state as state_lib
@@ -32,6 +31,7 @@ class Experiment(NamedTuple):
     schedule: optax.Schedule
     shardings: state_lib.TrainState
     abstract: state_lib.TrainState  # ShapeDtypeStructs with shardings
+    task: Any = None  # gqlm.train.task.Task: what the runner trains (LM or GQ-VAE)
 
     @property
     def token_bytes(self) -> jax.Array:
@@ -58,32 +58,37 @@ def resolve_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
     return config
 
 
-def build_experiment(config: ConfigDict) -> Experiment:
-    """Validates the config and builds the abstract experiment; nothing large is allocated."""
+def build_experiment(config: ConfigDict, task: Any = None) -> Experiment:
+    """Validates the config and builds the abstract experiment of its task (default: the one the
+    config names, gqlm.train.task.task_for); nothing large is allocated."""
+    from gqlm.train.task import task_for  # task.py builds experiments with this module
     config_lib.validate(config, jax.device_count())
     enable_compile_cache(config.train)
     mesh = make_mesh(config.mesh)
+    return (task or task_for(config)).build(config, mesh)
+
+
+def build_lm(config: ConfigDict, mesh: Mesh, task: Any) -> Experiment:
+    """The language model's experiment (LMTask.build)."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     config = resolve_vocab(config, tokenizer)
     model = state_lib.build_model(config.model, config.mesh.rules, mesh)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, model.abstract_params)
     shardings = state_lib.state_shardings(model, tx, mesh)
     abstract = state_lib.abstract_state(model, tx, shardings)
-    return Experiment(config, mesh, tokenizer, model, tx, schedule, shardings, abstract)
+    return Experiment(config, mesh, tokenizer, model, tx, schedule, shardings, abstract, task)
 
 
 def dry_run_report(exp: Experiment) -> str:
     """Parameter count, FLOPs/token, per-device memory and every parameter's sharding."""
-    cfg = exp.config
-    counts = count_params(cfg.model)
     memory = state_lib.describe(exp.abstract)
+    model_lines, optimizer = exp.task.describe(exp)
     lines = [
         f"mesh: {dict(exp.mesh.shape)} ({jax.device_count()} devices, {jax.devices()[0].platform})",
-        "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
-        f"FLOPs per token (train, seq_len={cfg.data.seq_len}): {flops_per_token(cfg.model, cfg.data.seq_len):.4g}",
+        *model_lines,
         f"per-device memory: params {memory['param_bytes_per_device'] / 2**20:,.1f} MiB, "
         f"optimizer state {memory['opt_bytes_per_device'] / 2**20:,.1f} MiB "
-        f"({cfg.optimizer.name})",
+        f"({optimizer})",
         "parameter shardings:",
     ]
     for name, shape, spec in state_lib.param_sharding_table(exp.model):

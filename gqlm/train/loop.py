@@ -2,7 +2,8 @@
 
 Per step: fetch this host's slice of the batch, assemble the global array, dispatch the jitted
 step, then read the *previous* step's metrics (so the host never stalls the device). Evaluation,
-checkpoints and preemption are checked between steps.
+checkpoints and preemption are checked between steps. What is trained (the LM or the GQ-VAE
+tokenizer model: batches, state, steps, evaluation) is the task's (task.py).
 
 Reliability: SIGTERM/SIGINT (or TPU's preemption sync point) -> checkpoint, exit cleanly; a
 non-finite step is never applied (train.nonfinite: 'skip' counts it, 'stop' checkpoints the last
@@ -20,14 +21,12 @@ from tqdm import tqdm
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict
-from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global
-from gqlm.eval.bpb import evaluate
-from gqlm.models.flops import flops_per_token
+from gqlm.data.pipeline import to_global
 from gqlm.train import state as state_lib
 from gqlm.train.checkpoint import Checkpointer
-from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step
-from gqlm.train.metrics import MetricWriter, Throughput, device_peak_flops
-from gqlm.train.sampling import sample_text
+from gqlm.train.experiment import build_experiment
+from gqlm.train.metrics import MetricWriter, Throughput
+from gqlm.train.task import Task, make_eval_batches, make_train_iterator
 
 
 class TrainingStopped(RuntimeError):
@@ -66,21 +65,22 @@ class PreemptionWatcher:
         self.restore()
 
 
-def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[str, float]:
+def train(config: ConfigDict, workdir: str, stop_at: int | None = None, task: Task | None = None
+          ) -> dict[str, float]:
     """Trains (or resumes) the experiment in `workdir`; returns the final validation metrics.
 
     `stop_at` ends this run early (with a checkpoint) at that step, e.g. for a time-limited allocation.
+    `task` overrides the config's (gqlm.train.task.task_for), e.g. a GQ-VAE on in-memory texts.
     """
     with contextlib.ExitStack() as cleanup:  # Closed in reverse: writer, mesh, checkpointer, signals.
         watcher = cleanup.enter_context(PreemptionWatcher())  # From the start: a signal in set-up saves at step 1.
-        exp = build_experiment(config)
-        cfg, train_cfg = exp.config, exp.config.train
+        exp = build_experiment(config, task)
+        cfg, train_cfg, task = exp.config, exp.config.train, exp.task
         is_main = jax.process_index() == 0
-        data_iter = make_train_iterator(cfg, exp.tokenizer)
-        eval_batches = make_eval_batches(cfg, exp.tokenizer, "validation", train_cfg.eval_batches)
+        data_iter = make_train_iterator(exp)
+        eval_batches = make_eval_batches(exp)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-        throughput = Throughput(cfg.data.batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
-                                device_peak_flops(train_cfg.peak_flops_per_device))
+        throughput = task.throughput(exp)
         # The Checkpointer is the first write to the workdir: every input has been checked by now.
         checkpointer = cleanup.enter_context(Checkpointer(workdir, train_cfg))
         cleanup.enter_context(jax.set_mesh(exp.mesh))
@@ -88,9 +88,9 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[
         if state is not None and is_main:
             print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
         elif state is None:
-            state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
-        train_step = jit_train_step(exp)
-        eval_step = jit_eval_step(exp)
+            state = task.init_state(exp)
+        train_step = task.train_step(exp)
+        evaluate = task.evaluator(exp)
         writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
         start = int(jax.device_get(state.step))
         last = min(train_cfg.steps, stop_at or train_cfg.steps)
@@ -104,13 +104,13 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[
                 state, metrics = train_step(state, batch)
             done = step + 1
             if pending is not None:  # Step t-1's metrics, read while step t runs.
-                skipped += report(pending, writer, progress, throughput, train_cfg.log_every)
+                skipped += report(pending, writer, progress, throughput, train_cfg.log_every, task.progress_keys)
                 stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
             pending = (done, metrics)
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
-                eval_metrics = evaluate(eval_step, state.params, eval_batches, exp.mesh, cfg.mesh.rules)
+                eval_metrics = evaluate(state.params, eval_batches)
                 writer.write(done, eval_metrics, prefix="validation")
-                say(f"step {done}: validation loss {eval_metrics['loss']:.4f}, bpb {eval_metrics['bpb']:.4f}")
+                say(f"step {done}: {task.eval_summary(eval_metrics)}")
             preempted = watcher.should_stop(done)
             if done % train_cfg.checkpoint_every == 0 or done == last or preempted:
                 checkpointer.save(done, state, data_iter, cfg)
@@ -119,18 +119,17 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None) -> dict[
                 say(f"preempted: saved step {done} to {checkpointer.step_dir(done)}")
                 break
         if pending is not None:
-            skipped += report(pending, writer, progress, throughput, train_cfg.log_every)
+            skipped += report(pending, writer, progress, throughput, train_cfg.log_every, task.progress_keys)
             stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
         progress.close()
         checkpointer.wait()  # Sealed (manifest written) before the sample, which may take a while.
-        if is_main and train_cfg.sample_tokens and int(jax.device_get(state.step)) == train_cfg.steps:
-            text = sample_text(exp, state.params, train_cfg.sample_prompt, train_cfg.sample_tokens)
-            print(f"--- sample ({train_cfg.sample_tokens} tokens) ---\n{text}\n---")
+        if is_main and int(jax.device_get(state.step)) == train_cfg.steps:
+            task.finish(exp, state)
     return {**eval_metrics, "skipped_steps": skipped}
 
 
 def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, throughput: Throughput,
-           log_every: int) -> int:
+           log_every: int, keys: tuple[str, ...] = ("loss", "bpb")) -> int:
     """Logs one step's metrics every `log_every` steps (and every non-finite one); returns 1 if non-finite."""
     step, metrics = pending
     nonfinite = int(jax.device_get(metrics["nonfinite"]))
@@ -138,7 +137,7 @@ def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, thro
         values = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
         values.update(throughput(step))
         writer.write(step, values)
-        progress.set_postfix(loss=f"{values['loss']:.3f}", bpb=f"{values['bpb']:.3f}", refresh=False)
+        progress.set_postfix({k: f"{values[k]:.3f}" for k in keys}, refresh=False)
     return nonfinite
 
 

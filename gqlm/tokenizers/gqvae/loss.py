@@ -41,8 +41,14 @@ def soft_mask(g_BT: jnp.ndarray, m: int) -> jnp.ndarray:
 def gqvae_loss(model: GQVAE, batch: dict[str, jnp.ndarray], quantize: Any,
                cfg: ConfigDict) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """(scalar loss, metrics). `batch` = {'bytes': [B, T] int32, 'lengths': [B] int32}."""
-    m = cfg.max_token_len
     out = forward(model, batch["bytes"], batch["lengths"], quantize, cfg.fixed_gate_every)
+    return loss_terms(out, batch, quantize, cfg)
+
+
+def loss_terms(out: dict[str, jnp.ndarray], batch: dict[str, jnp.ndarray], quantize: Any,
+               cfg: ConfigDict) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(scalar loss, metrics) of a `forward` output `out`; metrics include `code_counts` [C]."""
+    m = cfg.max_token_len
     valid_BT = out["valid"].astype(jnp.float32)
     n_valid = jnp.maximum(jnp.sum(valid_BT), 1.0)
     g_BT = out["gates"]

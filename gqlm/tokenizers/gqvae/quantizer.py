@@ -39,11 +39,15 @@ def code_counts(codes_BT: jnp.ndarray, valid_BT: jnp.ndarray, codebook_size: int
 def reseed_codebook(codebook_CD: jnp.ndarray, counts_C: jnp.ndarray, recent_ND: jnp.ndarray,
                     rng: jax.Array, recent_valid_N: jnp.ndarray | None = None) -> jnp.ndarray:
     """Codes with zero usage are replaced by randomly drawn recent encoder outputs; used codes are
-    kept bit for bit. `recent_valid_N` marks which rows of `recent_ND` are real (not padding)."""
-    n, c = recent_ND.shape[0], codebook_CD.shape[0]
+    kept bit for bit. `recent_valid_N` marks which rows of `recent_ND` are real (not padding).
+    Dead codes get distinct rows while there are enough valid ones (then the rows repeat)."""
+    n = recent_ND.shape[0]
     valid_N = jnp.ones((n,), bool) if recent_valid_N is None else recent_valid_N
-    p_N = valid_N.astype(jnp.float32) / jnp.maximum(jnp.sum(valid_N), 1)
-    # Distinct rows where there are enough, so two dead codes do not get the same vector.
-    picks_C = jax.random.choice(rng, n, shape=(c,), replace=c > n, p=p_N)
-    dead_C1 = (counts_C == 0)[:, None]
-    return jnp.where(dead_C1, recent_ND[picks_C].astype(codebook_CD.dtype), codebook_CD)
+    n_valid = jnp.sum(valid_N)
+    # Valid rows first, in random order (Gumbel keys); the k-th dead code takes the k-th of them.
+    order_N = jnp.argsort(jnp.where(valid_N, -jax.random.gumbel(rng, (n,)), jnp.inf))
+    dead_C = counts_C == 0
+    rank_C = jnp.cumsum(dead_C) - 1
+    picks_C = order_N[rank_C % jnp.maximum(n_valid, 1)]
+    replace_C1 = (dead_C & (n_valid > 0))[:, None]
+    return jnp.where(replace_C1, recent_ND[picks_C].astype(codebook_CD.dtype), codebook_CD)

@@ -1,41 +1,55 @@
-"""GQ-VAE training: a pure jitted step, dead-code re-seeding, and a small driver that saves an
-orbax checkpoint plus the model config.
+"""GQ-VAE training pieces for the runner: state, the pure train/eval steps, dead-code re-seeding.
 
-Shapes: B pretoken pieces per batch, T = max_pretoken_len, C codebook size, D embed dim, N = B*T.
+Shapes: B pretoken pieces per batch, T = max_pretoken_len, C codebook size, D embed dim,
+N recent encoder outputs kept for re-seeding (N = C), R rows of them refreshed per step.
+
+`python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir DIR` trains the model
+(gqlm/tokenizers/gqvae/task.py plugs these pieces into the runner). `train_gqvae` and
+`python -m gqlm.tokenizers.gqvae.train` are thin wrappers over that same runner.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from gqlm.config import ConfigDict, ConfigError, base_config, validate_gqvae
-from gqlm.tokenizers.gqvae.loss import gqvae_loss
-from gqlm.tokenizers.gqvae.model import GQVAE, valid_mask
-from gqlm.tokenizers.gqvae.pretokenize import corpus_pieces
+from gqlm.config import ConfigDict, ConfigError
+# CheckpointError and config_from_dict are re-exported: the tokenizer and tests import them from here.
+from gqlm.tokenizers.gqvae.checkpoint import CheckpointError, config_from_dict, load_checkpoint  # noqa: F401
+from gqlm.tokenizers.gqvae.loss import loss_terms
+from gqlm.tokenizers.gqvae.model import GQVAE, forward
+from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD
 from gqlm.tokenizers.gqvae.quantizer import reseed_codebook
 
-CHECKPOINT_KIND = "gqvae_checkpoint"
-CHECKPOINT_VERSION = 1
-MANIFEST = "gqvae.json"
-PARAMS_DIR = "params"
+Batch = dict[str, jax.Array]
 
 
-class CheckpointError(ConfigError):
-    """A path that is not a readable GQ-VAE checkpoint; the message names the path."""
+class GQVAEState(NamedTuple):
+    """The runner's train state for a GQ-VAE: TrainState's fields plus what re-seeding needs."""
+    step: jax.Array  # int32 scalar: updates applied
+    params: Any  # pure dict
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key
+    code_counts: jax.Array  # [C] float32: uses of each code since the last re-seeding
+    recent: jax.Array  # [N, D] ring buffer of recent encoder outputs (re-seeding's source)
+    recent_valid: jax.Array  # [N] bool: rows holding a real encoder output
 
 
-def make_model(cfg: ConfigDict, seed: int = 0) -> GQVAE:
+def make_model(cfg: ConfigDict, seed: Any = 0) -> GQVAE:
+    """The model of a `gqvae` config section; `seed` is an int or a PRNG key."""
     return GQVAE(cfg, nnx.Rngs(params=seed))
+
+
+def split_params(model: GQVAE) -> tuple[nnx.GraphDef, Any]:
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def is_codebook(path: tuple[Any, ...]) -> bool:
@@ -43,7 +57,7 @@ def is_codebook(path: tuple[Any, ...]) -> bool:
 
 
 def make_optimizer(cfg: ConfigDict, params: Any) -> optax.GradientTransformation:
-    """Adam with the codebook on its own, `codebook_lr_multiplier` times faster, param group."""
+    """Adam with the codebook in its own param group, `codebook_lr_multiplier` times faster."""
     labels = jax.tree_util.tree_map_with_path(
         lambda path, _: "codebook" if is_codebook(tuple(getattr(k, "key", k) for k in path)) else "default",
         params)
@@ -54,186 +68,154 @@ def make_optimizer(cfg: ConfigDict, params: Any) -> optax.GradientTransformation
                                "codebook": optax.adam(lr * cfg.codebook_lr_multiplier)}, labels))
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: ConfigDict,
-                    tx: optax.GradientTransformation) -> Callable[..., Any]:
-    """jitted (params, opt_state, batch, step, rng) -> (params, opt_state, metrics).
-
-    `rng` is unused by this deterministic model; it is in the signature for parity with gqlm's
-    other steps. Quantization is on from step `warmup_steps`."""
-
-    def train_step(params, opt_state, batch, step, rng):
-        del rng
-
-        def loss_fn(p):
-            return gqvae_loss(nnx.merge(graphdef, p), batch, step >= cfg.warmup_steps, cfg)
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    return jax.jit(train_step, donate_argnums=(0, 1))
+def recent_rows_per_step(cfg: ConfigDict) -> int:
+    """R: enough rows per step to refresh the whole buffer between two re-seedings."""
+    return min(math.ceil(cfg.codebook_size / max(cfg.reseed_every, 1)), cfg.batch_size * cfg.max_pretoken_len)
 
 
-def make_reseed(graphdef: nnx.GraphDef) -> Callable[..., Any]:
-    """jitted (params, counts [C], batch, rng) -> params with dead codes re-seeded from the
-    batch's encoder outputs (the recent ones)."""
-
-    def reseed(params, counts_C, batch, rng):
-        model = nnx.merge(graphdef, params)
-        valid_BT = valid_mask(batch["lengths"], batch["bytes"].shape[1])
-        z_BTD = model.encoder(batch["bytes"], valid_BT)
-        recent_ND = z_BTD.reshape(-1, z_BTD.shape[-1])
-        model.quantizer.codebook[...] = reseed_codebook(
-            model.quantizer.codebook[...], counts_C, recent_ND, rng, valid_BT.reshape(-1))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    return jax.jit(reseed, donate_argnums=(0,))
+def init_state(cfg: ConfigDict, tx: optax.GradientTransformation, key: jax.Array) -> GQVAEState:
+    """Fresh state (call under jit with out_shardings, as the runner does)."""
+    param_key, state_key = jax.random.split(key)
+    _, params = split_params(make_model(cfg, param_key))
+    c, d = cfg.codebook_size, cfg.embed_dim
+    return GQVAEState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key,
+                      jnp.zeros((c,), jnp.float32), jnp.zeros((c, d), jnp.float32), jnp.zeros((c,), bool))
 
 
-class PieceSampler:
-    """Random batches of pretoken pieces (repeats kept, so frequent pieces are seen often)."""
+def with_lengths(batch: Batch) -> Batch:
+    """The runner's batch is {'bytes': [B, T]} (BYTE_PAD after each piece); the lengths follow."""
+    bytes_BT = batch["bytes"]
+    return {"bytes": bytes_BT, "lengths": jnp.sum(bytes_BT != BYTE_PAD, axis=1).astype(jnp.int32)}
 
-    def __init__(self, texts: Sequence[str], cfg: ConfigDict, seed: int = 0, limit: int = 2_000_000):
-        self.bytes, self.lengths = corpus_pieces(texts, cfg.max_pretoken_len, limit)
-        if not len(self.lengths):
-            raise ValueError("GQ-VAE training texts contain no characters")
-        self.rng = np.random.default_rng(seed)
-        self.batch_size = cfg.batch_size
 
-    def __call__(self, n: int = 0) -> dict[str, np.ndarray]:
-        idx = self.rng.integers(0, len(self.lengths), n or self.batch_size)
-        return {"bytes": self.bytes[idx], "lengths": self.lengths[idx]}
+def remember(state: GQVAEState, z_BTD: jax.Array, valid_BT: jax.Array, key: jax.Array,
+             rows: int) -> tuple[jax.Array, jax.Array]:
+    """Writes `rows` random valid encoder outputs of this batch into the ring buffer (slots follow
+    the step, so the buffer holds the last N / rows steps' outputs)."""
+    z_ND = jax.lax.stop_gradient(z_BTD).reshape(-1, z_BTD.shape[-1])
+    valid_N = valid_BT.reshape(-1)
+    # Gumbel top-k: `rows` distinct positions, valid ones first (uniform among them).
+    scores_N = jax.random.gumbel(key, valid_N.shape) + jnp.where(valid_N, 0.0, -1e9)
+    picks_R = jax.lax.top_k(scores_N, rows)[1]
+    slots_R = (state.step * rows + jnp.arange(rows)) % state.recent.shape[0]
+    return (state.recent.at[slots_R].set(z_ND[picks_R]),
+            state.recent_valid.at[slots_R].set(valid_N[picks_R]))
+
+
+def reseed_dead_codes(state: GQVAEState, key: jax.Array) -> GQVAEState:
+    """Post-update hook: codes unused since the last re-seeding take recent encoder outputs; the
+    usage counts restart."""
+    quantizer = state.params["quantizer"]
+    codebook_CD = reseed_codebook(quantizer["codebook"], state.code_counts, state.recent, key, state.recent_valid)
+    params = {**state.params, "quantizer": {**quantizer, "codebook": codebook_CD}}
+    return state._replace(params=params, code_counts=jnp.zeros_like(state.code_counts))
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: ConfigDict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, total_steps: int) -> Callable[[GQVAEState, Batch], Any]:
+    """Pure `(state, batch) -> (state, metrics)`: quantization from step `warmup_steps`, a
+    non-finite update skipped, dead codes re-seeded after every `reseed_every`-th update."""
+    rows = recent_rows_per_step(cfg)
+
+    def loss_fn(params, batch, quantize):
+        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], quantize, cfg.fixed_gate_every)
+        loss, metrics = loss_terms(out, batch, quantize, cfg)
+        return loss, (metrics, out["z"], out["valid"])
+
+    def train_step(state: GQVAEState, batch: Batch) -> tuple[GQVAEState, dict[str, jax.Array]]:
+        batch = with_lengths(batch)
+        buffer_key, reseed_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        (loss, (metrics, z_BTD, valid_BT)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.step >= cfg.warmup_steps)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        recent, recent_valid = remember(state, z_BTD, valid_BT, buffer_key, rows)
+        counts_C = metrics.pop("code_counts")
+        new = GQVAEState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
+                         keep(opt_state, state.opt_state), jax.random.fold_in(state.rng, state.step),
+                         keep(state.code_counts + counts_C, state.code_counts),
+                         keep(recent, state.recent), keep(recent_valid, state.recent_valid))
+        done = new.step
+        due = ((cfg.reseed_every > 0) & (done > cfg.warmup_steps) & (done % max(cfg.reseed_every, 1) == 0)
+               & (done < total_steps))
+        codes_in_use = jnp.sum(new.code_counts > 0)  # since the last re-seeding, before this one
+        new = jax.lax.cond(due, reseed_dead_codes, lambda s, k: s, new, reseed_key)
+        return new, {**metrics, "codes_in_use": codes_in_use, "reseeded": due.astype(jnp.int32),
+                     "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                     "nonfinite": 1 - finite.astype(jnp.int32)}
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: ConfigDict) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """`(params, batch) -> metrics` with quantization on (as the tokenizer runs the model)."""
+    def eval_step(params, batch):
+        batch = with_lengths(batch)
+        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], True, cfg.fixed_gate_every)
+        metrics = loss_terms(out, batch, True, cfg)[1]
+        metrics["positions"] = jnp.sum(out["valid"].astype(jnp.float32))
+        return metrics
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- thin wrappers
 
 
 def train_gqvae(config: ConfigDict, texts: Sequence[str], workdir: str, steps: int,
                 log: Callable[[int, dict[str, float]], None] | None = None,
                 log_every: int = 50) -> tuple[nnx.GraphDef, Any, list[dict[str, float]]]:
-    """Trains on `texts` for `steps` steps; saves `workdir` as a checkpoint. Returns
-    (graphdef, params, logged metrics). `config` is a full gqlm config (its `gqvae` section and
-    `seed` are read) or a bare `gqvae` section."""
-    cfg = config.gqvae if "gqvae" in config else config
-    seed = int(config.get("seed", 0))
-    validate_gqvae(cfg)
-    graphdef, params = split_params(make_model(cfg, seed))
-    tx = make_optimizer(cfg, params)
-    opt_state = tx.init(params)
-    step_fn, reseed_fn = make_train_step(graphdef, cfg, tx), make_reseed(graphdef)
-    sample = PieceSampler(texts, cfg, seed)
-    rng = jax.random.key(seed)
-    counts_C = jnp.zeros((cfg.codebook_size,), jnp.float32)
-    history: list[dict[str, float]] = []
-    for step in range(steps):
-        batch = sample()
-        rng, step_rng, reseed_rng = jax.random.split(rng, 3)
-        params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step), step_rng)
-        counts_C = counts_C + metrics.pop("code_counts")
-        done = step + 1
-        if cfg.reseed_every and done > cfg.warmup_steps and done % cfg.reseed_every == 0 and done < steps:
-            # Fresh pieces, enough to give each dead code its own vector (one batch may hold
-            # fewer distinct encoder outputs than there are dead codes).
-            params = reseed_fn(params, counts_C, sample(max(cfg.batch_size, cfg.codebook_size // 2)), reseed_rng)
-            counts_C = jnp.zeros_like(counts_C)
-        if done % log_every == 0 or done == steps:
-            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            row["step"] = done
-            history.append(row)
-            if log:
-                log(done, row)
-    save_checkpoint(workdir, cfg, params, steps)
+    """Trains the GQ-VAE of `config` (a full gqlm config) on in-memory `texts` (also its validation
+    texts) with the runner, for `steps` steps; the runner's checkpoint lands in `workdir`.
+    Returns (graphdef, params, the logged train metrics)."""
+    from gqlm.tokenizers.gqvae.task import GQVAETask
+    from gqlm.train.loop import train
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.gqvae.train_tokenizer = True
+        t = config.train
+        t.steps, t.log_every, t.eval_every, t.checkpoint_every = steps, log_every, steps, steps
+        t.eval_batches, t.progress, t.sample_tokens = 1, False, 0
+    train(config, workdir, task=GQVAETask({"train": list(texts), "validation": list(texts)}))
+    history = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.pop("split") == "train":
+                history.append(row)
+                if log:
+                    log(row["step"], row)
+    _, graphdef, params = load_checkpoint(workdir)
     return graphdef, params, history
-
-
-def split_params(model: GQVAE) -> tuple[nnx.GraphDef, Any]:
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def save_checkpoint(workdir: str, cfg: ConfigDict, params: Any, steps: int) -> None:
-    """`workdir/params` (orbax) + `workdir/gqvae.json` (kind, version, the gqvae config)."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(workdir, PARAMS_DIR), params, force=True)
-    manifest = {"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_VERSION, "steps": steps,
-                "gqvae": cfg.to_dict()}
-    with open(os.path.join(workdir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-
-
-def load_checkpoint(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
-    """(gqvae config, graphdef, params) from a `train_gqvae` workdir; one-line errors naming it."""
-    path = os.path.abspath(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"GQ-VAE checkpoint {path!r} does not exist")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        # An LM workdir (gqlm.train) holds checkpoints/ and no manifest: say so, it is the likely mix-up.
-        hint = ("; it looks like an LM workdir (gqlm.train), train one with gqlm.tokenizers.gqvae.train"
-                if os.path.isdir(os.path.join(path, "checkpoints")) else "")
-        raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (no readable {MANIFEST}){hint}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (kind is not {CHECKPOINT_KIND!r})")
-    if manifest.get("format_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"GQ-VAE checkpoint {path!r} has format_version "
-                              f"{manifest.get('format_version')!r}; this gqlm reads {CHECKPOINT_VERSION}")
-    cfg = config_from_dict(manifest.get("gqvae", {}), path)
-    graphdef, abstract = split_params(nnx.eval_shape(lambda: make_model(cfg)))
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore(os.path.join(path, PARAMS_DIR), abstract)
-    except Exception as e:  # orbax raises many types; any of them means an unusable checkpoint.
-        raise CheckpointError(f"GQ-VAE checkpoint {path!r} has unreadable params: {type(e).__name__}") from None
-    return cfg, graphdef, params
-
-
-def config_from_dict(values: dict[str, Any], where: str) -> ConfigDict:
-    """A validated `gqvae` section: schema defaults overridden by `values` (unknown keys refused)."""
-    cfg = base_config().gqvae
-    for key, value in values.items():
-        if key not in cfg:
-            raise CheckpointError(f"{where!r}: unknown gqvae config key {key!r}")
-        cfg[key] = type(cfg[key])(value)
-    try:
-        validate_gqvae(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{where!r}: {e}") from None
-    return ml_collections.ConfigDict(cfg.to_dict())
 
 
 def main(argv: Sequence[str]) -> None:
     """`python -m gqlm.tokenizers.gqvae.train --config EXP.py[:arg] --workdir DIR [--vocab_size N]`:
-    trains on the experiment's corpus (train split) for `train.steps` steps; with --vocab_size, also
-    builds the tokenizer into DIR/tokenizer and prints its validation bytes/token."""
+    `python -m gqlm.train` on a GQ-VAE experiment, then (with --vocab_size) the tokenizer built
+    from its checkpoint into DIR/tokenizer."""
     from absl import flags
 
     from gqlm import cli
     from gqlm.data.corpora import load_documents
     from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
+    from gqlm.train.loop import train
 
     del argv
     fl = flags.FLAGS
     config = cli.config_from_flags(fl.config)
-    validate_gqvae(config.gqvae)
-    texts = load_documents(config.data, "train")[:]
-
-    def log(step: int, row: dict[str, float]) -> None:
-        keys = ("loss", "recon", "byte_accuracy", "mean_gate", "mean_token_len", "codebook_usage",
-                "codebook_perplexity")
-        print(f"step {step}: " + " ".join(f"{k}={row[k]:.3f}" for k in keys), flush=True)
-
-    train_gqvae(config, texts, fl.workdir, config.train.steps, log, config.train.log_every)
+    if not config.gqvae.train_tokenizer:
+        raise ConfigError(f"--config={fl.config}: gqvae.train_tokenizer is False (not a GQ-VAE experiment)")
+    train(config, fl.workdir)
     print(f"checkpoint: {fl.workdir}")
     if fl.vocab_size:
         out = os.path.join(fl.workdir, "tokenizer")
-        tok = build_gqvae_tokenizer(fl.workdir, fl.vocab_size, texts, out)
-        valid = load_documents(config.data, "validation")[:]
-        n_bytes = sum(int(tok.token_bytes()[ids].sum()) for ids in tok.encode_batch(valid))
-        n_tokens = sum(len(ids) for ids in tok.encode_batch(valid))
+        tok = build_gqvae_tokenizer(fl.workdir, fl.vocab_size, load_documents(config.data, "train")[:], out)
+        ids = tok.encode_batch(load_documents(config.data, "validation")[:])
+        bpt = sum(int(tok.token_bytes()[i].sum()) for i in ids) / max(sum(map(len, ids)), 1)
         print(f"tokenizer: {out} (use data.tokenizer=gqvae:{out}); vocab_size={tok.vocab_size}, "
-              f"validation bytes/token {n_bytes / max(n_tokens, 1):.3f}")
+              f"validation bytes/token {bpt:.3f}")
 
 
 if __name__ == "__main__":
@@ -242,6 +224,6 @@ if __name__ == "__main__":
     from gqlm import cli as _cli
 
     _flags.DEFINE_string("config", "", "experiment file[:variant], e.g. experiments/gqvae_shakespeare.py")
-    _flags.DEFINE_string("workdir", None, "output directory (checkpoint + gqvae.json)", required=True)
+    _flags.DEFINE_string("workdir", None, "the runner's workdir (checkpoints, metrics)", required=True)
     _flags.DEFINE_integer("vocab_size", 0, "also build a tokenizer of this size (0: skip)")
     _cli.run(main)

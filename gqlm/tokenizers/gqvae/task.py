@@ -1,0 +1,180 @@
+"""The GQ-VAE tokenizer model as a runner task (gqlm/train/task.py): `python -m gqlm.train` trains
+it with the same loop, orbax checkpoints (+ resume), batch sharding, progress bar and metric files
+as an LM. Selected by `gqvae.train_tokenizer=True`.
+
+Batches are {'bytes': [B, T] int32}: B pretoken pieces of the corpus (repeats kept, so frequent
+pieces are seen often), shuffled by a grain pipeline whose state each checkpoint saves. B is
+`gqvae.batch_size`, T `gqvae.max_pretoken_len`; B is sharded like an LM batch's rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gqlm import mesh as mesh_lib
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.data.pipeline import to_global
+from gqlm.optim.factory import opt_state_shardings
+from gqlm.tokenizers.gqvae import train as gq
+from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD, corpus_pieces
+from gqlm.train import state as state_lib
+from gqlm.train.experiment import Experiment
+from gqlm.train.metrics import Throughput
+from gqlm.train.task import Task
+
+MAX_PIECES = 4_000_000  # pieces kept per split (the Shakespeare train split has ~2.3M)
+
+
+class PieceRows:
+    """grain map: a global batch of piece indices -> this process's rows {'bytes': [b, T]}."""
+
+    def __init__(self, bytes_NT: np.ndarray, lo: int, hi: int):
+        self.bytes_NT, self.lo, self.hi = bytes_NT, lo, hi
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {"bytes": self.bytes_NT[np.asarray(indices)[self.lo:self.hi]].astype(np.int32)}
+
+
+def process_rows(batch_size: int) -> tuple[int, int]:
+    """This process's slice [lo, hi) of a global batch."""
+    p, n = jax.process_index(), jax.process_count()
+    if batch_size % n:
+        raise ConfigError(f"gqvae.batch_size={batch_size} is not divisible by the {n} processes")
+    return p * batch_size // n, (p + 1) * batch_size // n
+
+
+def batch_shards(mesh: Mesh, rules: Any) -> int:
+    """How many ways the batch axis is split."""
+    axes = mesh_lib.batch_sharding(mesh, rules).spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+class GQVAETask(Task):
+    """`texts` ({'train': [...], 'validation': [...]}) replaces the corpus of `config.data`."""
+
+    progress_keys = ("loss", "byte_accuracy", "mean_token_len")
+
+    def __init__(self, texts: dict[str, Sequence[str]] | None = None):
+        self.texts = texts
+        self._pieces: dict[str, np.ndarray] = {}
+
+    def pieces(self, exp: Experiment, split: str) -> np.ndarray:
+        """[N, T] bytes of the split's pieces, in text order (int16: half the memory of int32)."""
+        if split not in self._pieces:
+            from gqlm.data.corpora import load_documents
+            texts = self.texts[split] if self.texts else load_documents(exp.config.data, split)[:]
+            bytes_NT, _ = corpus_pieces(texts, exp.config.gqvae.max_pretoken_len, MAX_PIECES)
+            if not len(bytes_NT):
+                where = "the given texts" if self.texts else f"data.corpus={exp.config.data.corpus!r}"
+                raise ConfigError(f"GQ-VAE {split} texts ({where}) contain no characters")
+            self._pieces[split] = bytes_NT.astype(np.int16)
+        return self._pieces[split]
+
+    def build(self, config: ConfigDict, mesh: Mesh) -> Experiment:
+        q, rules = config.gqvae, config.mesh.rules
+        if config.train.grad_accum != 1:
+            raise ConfigError(f"train.grad_accum={config.train.grad_accum}: the GQ-VAE task takes 1")
+        shards = batch_shards(mesh, rules)
+        if q.batch_size % shards:
+            raise ConfigError(f"gqvae.batch_size={q.batch_size} is not divisible by the data-parallel size {shards}")
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: gq.make_model(q)), nnx.Param)
+        param_shardings = mesh_lib.param_shardings(abstract_state, rules, mesh)
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       nnx.to_pure_dict(abstract_state))
+        tx = gq.make_optimizer(q, abstract_params)
+        replicated = mesh_lib.replicated(mesh)
+        shardings = gq.GQVAEState(replicated, param_shardings,
+                                  opt_state_shardings(tx, abstract_params, param_shardings, mesh),
+                                  replicated, replicated, replicated, replicated)
+        shapes = jax.eval_shape(lambda: gq.init_state(q, tx, jax.random.PRNGKey(0)))
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        config = config.copy_and_resolve_references()
+        config.lock()
+        model = state_lib.Model(graphdef, abstract_params, param_shardings)
+        return Experiment(config, mesh, None, model, tx, optax.constant_schedule(q.learning_rate),
+                          shardings, abstract, self)
+
+    def train_iterator(self, exp: Experiment) -> grain.DatasetIterator:
+        cfg = exp.config
+        bytes_NT = self.pieces(exp, "train")
+        lo, hi = process_rows(cfg.gqvae.batch_size)
+        ds = grain.MapDataset.range(len(bytes_NT)).shuffle(seed=cfg.seed).repeat(cfg.data.num_epochs)
+        ds = ds.batch(cfg.gqvae.batch_size, drop_remainder=True).map(PieceRows(bytes_NT, lo, hi))
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+    def eval_batches(self, exp: Experiment) -> list[dict[str, np.ndarray]]:
+        """The split's first `train.eval_batches` batches, in order; rows past its end are empty."""
+        b = exp.config.gqvae.batch_size
+        bytes_NT = self.pieces(exp, "validation")
+        padded = np.concatenate([bytes_NT, np.full((1, bytes_NT.shape[1]), BYTE_PAD, bytes_NT.dtype)])
+        lo, hi = process_rows(b)
+        count = min(exp.config.train.eval_batches, -(-len(bytes_NT) // b))
+        rows = [np.minimum(i * b + np.arange(lo, hi), len(bytes_NT)) for i in range(count)]
+        return [{"bytes": padded[r].astype(np.int32)} for r in rows]
+
+    def throughput(self, exp: Experiment) -> Throughput:
+        q = exp.config.gqvae  # "tokens" are byte positions; no FLOPs model, so no MFU
+        return Throughput(q.batch_size * q.max_pretoken_len, 0.0, None)
+
+    def init_state(self, exp: Experiment) -> gq.GQVAEState:
+        q = exp.config.gqvae
+        init = jax.jit(lambda key: gq.init_state(q, exp.tx, key), out_shardings=exp.shardings)
+        return init(jax.random.PRNGKey(exp.config.seed))
+
+    def train_step(self, exp: Experiment) -> Callable:
+        batch = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
+        step = gq.make_train_step(exp.model.graphdef, exp.config.gqvae, exp.tx, exp.schedule, exp.config.train.steps)
+        return jax.jit(step, in_shardings=(exp.shardings, batch), out_shardings=(exp.shardings, None),
+                       donate_argnums=0)
+
+    def evaluator(self, exp: Experiment) -> Callable:
+        sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
+        step = jax.jit(gq.make_eval_step(exp.model.graphdef, exp.config.gqvae),
+                       in_shardings=(exp.shardings.params, sharding))
+
+        def evaluate(params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+            """Position-weighted means over the batches; codebook usage over all of them."""
+            sums: dict[str, float] = {}
+            counts_C, positions = 0.0, 0.0
+            for batch in batches:
+                m = jax.device_get(step(params, to_global(batch, sharding)))
+                counts_C = counts_C + m.pop("code_counts")
+                n = float(m.pop("positions"))
+                positions += n
+                for k, v in m.items():
+                    if k not in ("codebook_usage", "codebook_perplexity"):
+                        sums[k] = sums.get(k, 0.0) + float(v) * n
+            out = {k: v / max(positions, 1.0) for k, v in sums.items()}
+            out.update(codebook_stats(np.asarray(counts_C)))
+            return out
+
+        return evaluate
+
+    def describe(self, exp: Experiment) -> tuple[list[str], str]:
+        q = exp.config.gqvae
+        count = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.model.abstract_params))
+        return [f"parameters: gqvae {count:,} (codebook {q.codebook_size} x {q.embed_dim})",
+                f"batch: {q.batch_size} pieces x {q.max_pretoken_len} bytes"], \
+            f"adam, codebook lr x{q.codebook_lr_multiplier:g}"
+
+    def eval_summary(self, m: dict[str, float]) -> str:
+        return (f"validation loss {m['loss']:.4f}, byte accuracy {m['byte_accuracy']:.3f}, mean token "
+                f"{m['mean_token_len']:.2f} bytes, {int(m['codes_in_use'])} codes in use "
+                f"(perplexity {m['codebook_perplexity']:.0f})")
+
+
+def codebook_stats(counts_C: np.ndarray) -> dict[str, float]:
+    """Codes in use, their fraction and the perplexity of the code distribution."""
+    p_C = counts_C / max(counts_C.sum(), 1.0)
+    entropy = -float(np.sum(p_C[p_C > 0] * np.log(p_C[p_C > 0])))
+    return {"codes_in_use": float(np.sum(counts_C > 0)), "codebook_usage": float(np.mean(counts_C > 0)),
+            "codebook_perplexity": math.exp(entropy)}
