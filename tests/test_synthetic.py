@@ -81,7 +81,7 @@ def test_addition_answer_is_the_sum(n):
 # ----------------------------------------------------------------------------- rows
 
 
-@pytest.mark.parametrize("task", ["copy", "recall", "parity", "addition"])
+@pytest.mark.parametrize("task", ["copy", "recall", "parity", "addition", "phonebook"])
 def test_rows_follow_the_batch_contract_with_loss_only_on_answers(task):
     s, seq = spec(task, seq_len=96, lo=2, hi=6), 96
     for row in range(4):

@@ -10,6 +10,12 @@ size is its *length* n (what length-generalization experiments vary):
             (fixed by data.synthetic_seed, all < data.synthetic_min_len)   "0110101=" -> "1"
   addition  two zero-padded n-digit numbers; answer: their sum, zero-padded to n + 1 digits
                                                         "4821+0937=" -> "05758"
+  phonebook a FIXED book of data.synthetic_phonebook_size (4-letter name, number) entries, drawn
+            once from data.synthetic_seed (distinct names; each number's digit count uniform in
+            [min_len, max_len]); an example queries one entry, uniformly    "qwhk:" -> "4821"
+            Train and validation draw queries from the same book (memorization, not generalization);
+            `length_batches(n)` holds every entry with an n-digit number exactly once, so accuracy
+            is the fraction of the book memorized. An entry's length is its number's digits.
 
 Each example is tokenized as `[bos] + encode(prompt) + encode(answer) + [eos]`; whole examples
 are packed greedily into rows of `seq_len + 1` tokens (never split across rows), and `loss_mask`
@@ -21,13 +27,14 @@ through grain's iterator state like a corpus. Train and validation lengths are u
 
 from __future__ import annotations
 
+import functools
 import string
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import grain
 import numpy as np
 
-from gqlm.config import SYNTHETIC_TASKS, ConfigDict, ConfigError
+from gqlm.config import PHONEBOOK_NAMES, SYNTHETIC_TASKS, ConfigDict, ConfigError
 from gqlm.data import packing
 from gqlm.tokenizers.base import Tokenizer
 
@@ -58,11 +65,12 @@ class Spec(NamedTuple):
     max_len: int
     seed: int
     parity_k: int
+    phonebook_size: int = 0
 
     @classmethod
     def from_config(cls, d: ConfigDict) -> "Spec":
         return cls(task_of(d.corpus), int(d.synthetic_min_len), int(d.synthetic_max_len),
-                   int(d.synthetic_seed), int(d.synthetic_parity_k))
+                   int(d.synthetic_seed), int(d.synthetic_parity_k), int(d.synthetic_phonebook_size))
 
 
 def parity_positions(spec: Spec) -> np.ndarray:
@@ -74,7 +82,20 @@ def parity_positions(spec: Spec) -> np.ndarray:
     return np.sort(rng.choice(spec.min_len, spec.parity_k, replace=False))
 
 
-# ----------------------------------------------------------------------------- the four tasks
+@functools.lru_cache(maxsize=8)
+def phonebook(spec: Spec) -> tuple[tuple[str, str], ...]:
+    """The fixed book: (name, number) entries, a pure function of (seed, size, min_len, max_len)."""
+    if not 1 <= spec.phonebook_size <= PHONEBOOK_NAMES:
+        raise ConfigError(f"data.synthetic_phonebook_size={spec.phonebook_size} must lie in [1, {PHONEBOOK_NAMES}] "
+                          f"(the distinct 4-letter names)")
+    rng = np.random.default_rng([spec.seed, 4391])
+    codes = rng.choice(PHONEBOOK_NAMES, spec.phonebook_size, replace=False)  # distinct names
+    letters_NL = _LETTERS[codes[:, None] // 26 ** np.arange(3, -1, -1)[None, :] % 26]
+    digits = rng.integers(spec.min_len, spec.max_len + 1, spec.phonebook_size)
+    return tuple(("".join(name), "".join(rng.choice(_DIGITS, int(n)))) for name, n in zip(letters_NL, digits))
+
+
+# ----------------------------------------------------------------------------- the tasks
 
 
 def _copy(rng: np.random.Generator, n: int, spec: Spec) -> tuple[str, str]:
@@ -100,8 +121,14 @@ def _addition(rng: np.random.Generator, n: int, spec: Spec) -> tuple[str, str]:
     return f"{a}+{b}=", str(int(a) + int(b)).zfill(n + 1)
 
 
+def _phonebook(rng: np.random.Generator, n: int, spec: Spec) -> tuple[str, str]:
+    del n  # an entry's number length is fixed by the book
+    name, number = phonebook(spec)[int(rng.integers(spec.phonebook_size))]
+    return name + ":", number
+
+
 TASKS: dict[str, Callable[[np.random.Generator, int, Spec], tuple[str, str]]] = {
-    "copy": _copy, "recall": _recall, "parity": _parity, "addition": _addition}
+    "copy": _copy, "recall": _recall, "parity": _parity, "addition": _addition, "phonebook": _phonebook}
 
 
 def make_example(spec: Spec, rng: np.random.Generator, n: int) -> tuple[str, str]:
@@ -133,24 +160,36 @@ def pack_row(spec: Spec, tokenizer: Tokenizer, seq_len: int, split: str, row: in
     """One packed row `[1, seq_len]`: whole examples drawn until the next one would not fit.
     `n` fixes every example's length (evaluation); None draws it from [min_len, max_len]."""
     rng = _row_rng(spec, split, row, n)
+    draws = (make_example(spec, rng, n or int(rng.integers(spec.min_len, spec.max_len + 1)))
+             for _ in range(seq_len + 1))  # an example has >= 2 tokens, so the row fills before this ends
+    return _pack_examples(spec, tokenizer, seq_len, draws, f"length {n or 'up to ' + str(spec.max_len)}")[0]
+
+
+def _pack_examples(spec: Spec, tokenizer: Tokenizer, seq_len: int, pairs: Iterable[tuple[str, str]],
+                   what: str) -> tuple[dict[str, np.ndarray], int]:
+    """(row `[1, seq_len]`, examples used): `pairs` in order until the next would not fit."""
     tokens, doc_ids, answer = [], [], []
-    for example in range(seq_len + 1):  # an example has >= 2 tokens, so the row fills before this ends
-        ids, is_answer = _encode(tokenizer, *make_example(
-            spec, rng, n or int(rng.integers(spec.min_len, spec.max_len + 1))))
+    used = 0
+    for example, pair in enumerate(pairs):
+        ids, is_answer = _encode(tokenizer, *pair)
         if len(tokens) + len(ids) > seq_len + 1:
             if not tokens:
                 raise ConfigError(f"data.seq_len={seq_len} is too short for one {PREFIX}{spec.task} example "
-                                  f"of {len(ids)} tokens (length {n or 'up to ' + str(spec.max_len)})")
+                                  f"of {len(ids)} tokens ({what})")
             break
         doc_ids += [example] * len(ids)
         tokens += ids
         answer += is_answer
+        used += 1
+    if not tokens:  # nothing left: a padding row
+        return packing.pack_rows(np.zeros(1, np.int32), np.zeros(1, np.int32), np.full(1, -1),
+                                 seq_len, tokenizer.pad_id), 0
     batch = packing.pack_rows(np.asarray(tokens, np.int32), np.asarray(doc_ids, np.int32), np.zeros(1, np.int64),
                               seq_len, tokenizer.pad_id)
     answer_T = np.zeros(seq_len, np.float32)
     answer_T[:len(answer) - 1] = answer[1:]  # the target at t is stream token t + 1
     batch["loss_mask"] = batch["loss_mask"] * answer_T[None]
-    return batch
+    return batch, used
 
 
 def pack_rows(spec: Spec, tokenizer: Tokenizer, seq_len: int, split: str, rows: np.ndarray,
@@ -163,6 +202,8 @@ def pack_rows(spec: Spec, tokenizer: Tokenizer, seq_len: int, split: str, rows: 
 def example_tokens(spec: Spec, tokenizer: Tokenizer, n: int) -> int:
     """Tokens of one length-n example (exact for the byte tokenizer, whose example sizes depend
     only on n; a sample for others)."""
+    if spec.task == "phonebook":  # the book's own draw need not have length n
+        return len(_encode(tokenizer, "a" * 4 + ":", "0" * n)[0])
     return len(_encode(tokenizer, *make_example(spec, np.random.default_rng(0), n))[0])
 
 
@@ -192,6 +233,8 @@ def _checked_spec(config: ConfigDict, tokenizer: Tokenizer) -> Spec:
                           f"data.synthetic_max_len={spec.max_len} ({need + 1} tokens)")
     if spec.task == "parity":
         parity_positions(spec)
+    if spec.task == "phonebook":
+        phonebook(spec)
     return spec
 
 
@@ -218,9 +261,47 @@ def make_eval_batches(config: ConfigDict, tokenizer: Tokenizer, split: str, num_
             for i in range(num_batches)]
 
 
+def check_length(spec: Spec, n: int) -> None:
+    """Raises ConfigError unless the task has examples of length n (parity reads its secret bits)."""
+    if n < 1:
+        raise ConfigError(f"length {n} must be >= 1")
+    if spec.task == "parity" and n <= int(parity_positions(spec).max()):
+        raise ConfigError(f"length {n} is too short for {PREFIX}parity: its secret bit positions "
+                          f"{parity_positions(spec).tolist()} need length >= {int(parity_positions(spec).max()) + 1} "
+                          f"(data.synthetic_min_len={spec.min_len} always is)")
+    if spec.task == "recall" and n > 26**3:
+        raise ConfigError(f"length {n} exceeds the {26**3} distinct 3-letter keys of {PREFIX}recall")
+    if spec.task == "phonebook" and not any(len(number) == n for _, number in phonebook(spec)):
+        raise ConfigError(f"length {n}: no {PREFIX}phonebook entry has an {n}-digit number (numbers have "
+                          f"data.synthetic_min_len={spec.min_len} to data.synthetic_max_len={spec.max_len} digits)")
+
+
+def lengths_of(spec: Spec) -> list[int]:
+    """The number lengths present in the phonebook (its evaluation buckets)."""
+    return sorted({len(number) for _, number in phonebook(spec)})
+
+
 def length_batches(config: ConfigDict, tokenizer: Tokenizer, n: int, num_batches: int, lo: int, hi: int
                    ) -> list[dict[str, np.ndarray]]:
-    """Evaluation batches whose every example has length n (rows long enough for one example)."""
+    """Evaluation batches whose every example has length n (rows long enough for one example).
+    Phonebook: every book entry with an n-digit number exactly once, whatever num_batches."""
     spec, b = Spec.from_config(config.data), config.data.batch_size
+    check_length(spec, n)
     seq_len = row_len_for(spec, tokenizer, n, config.data.seq_len)
+    if spec.task == "phonebook":
+        return [{k: v[lo:hi] for k, v in batch.items()} for batch in book_batches(spec, tokenizer, n, seq_len, b)]
     return [pack_rows(spec, tokenizer, seq_len, "eval", i * b + np.arange(lo, hi), n) for i in range(num_batches)]
+
+
+def book_batches(spec: Spec, tokenizer: Tokenizer, n: int, seq_len: int, batch_size: int
+                 ) -> list[dict[str, np.ndarray]]:
+    """Global batches `[batch_size, seq_len]` holding the book's n-digit entries once each, in book
+    order (the last batch padded with empty rows)."""
+    entries = [(name + ":", number) for name, number in phonebook(spec) if len(number) == n]
+    rows, at = [], 0
+    while at < len(entries) or len(rows) % batch_size:
+        row, used = _pack_examples(spec, tokenizer, seq_len, entries[at:], f"length {n}")
+        rows.append(row)
+        at += used
+    return [{k: np.concatenate([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+            for i in range(0, len(rows), batch_size)]

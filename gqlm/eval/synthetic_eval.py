@@ -6,12 +6,15 @@ match). Evaluation rows hold examples of one fixed length n, from a stream disjo
     python -m gqlm.eval.synthetic_eval --workdir DIR [--lengths 8,16,32] [--batches 2] [--out F.json]
 
 Default lengths: min_len, max_len, 2 x max_len, 4 x max_len (train length L, test up to 4L).
+Phonebook (memorization) evaluates its fixed book instead: length n = the entries with n-digit
+numbers, each asked once, so accuracy is the fraction of the book memorized (default: every
+length the book has).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +46,24 @@ def make_correct_fn(graphdef: nnx.GraphDef):
 
 
 def default_lengths(data_cfg) -> list[int]:
-    lo, hi = int(data_cfg.synthetic_min_len), int(data_cfg.synthetic_max_len)
-    return sorted({lo, hi, 2 * hi, 4 * hi})
+    spec = synthetic.Spec.from_config(data_cfg)
+    if spec.task == "phonebook":
+        return synthetic.lengths_of(spec)
+    return sorted({spec.min_len, spec.max_len, 2 * spec.max_len, 4 * spec.max_len})
+
+
+def score_batches(batches: Sequence[dict[str, np.ndarray]], correct_fn: Callable[[dict[str, np.ndarray]], np.ndarray]
+                  ) -> dict[str, float]:
+    """{accuracy, token_accuracy, examples} of host batches; `correct_fn(batch)` -> bool `[B, T]`
+    (prediction == target at each position)."""
+    hits = count = tokens_right = tokens = 0
+    for batch in batches:
+        correct_BT = np.asarray(correct_fn(batch)).astype(bool)
+        h, c = exact_match(correct_BT, batch["loss_mask"], batch["segment_ids"])
+        hits, count = hits + h, count + c
+        tokens_right += int((correct_BT & (batch["loss_mask"] > 0)).sum())
+        tokens += int((batch["loss_mask"] > 0).sum())
+    return {"accuracy": hits / max(count, 1), "token_accuracy": tokens_right / max(tokens, 1), "examples": count}
 
 
 def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: int = 2) -> dict[int, dict[str, float]]:
@@ -52,24 +71,19 @@ def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: in
     cfg = exp.config
     if not synthetic.is_synthetic(cfg.data.corpus):
         raise ConfigError(f"data.corpus={cfg.data.corpus!r} is not a synthetic task (synthetic:TASK)")
+    spec = synthetic.Spec.from_config(cfg.data)
+    for n in lengths:  # every length checked before any is evaluated
+        synthetic.check_length(spec, n)
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     correct_fn = jax.jit(make_correct_fn(exp.model.graphdef))
     lo, hi = _process_rows(cfg.data.batch_size)
-    results = {}
-    for n in lengths:
-        if n < 1:
-            raise ConfigError(f"length {n} must be >= 1")
-        hits = count = tokens_right = tokens = 0
-        for batch in synthetic.length_batches(cfg, exp.tokenizer, n, num_batches, lo, hi):
-            global_batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-            correct_BT = np.asarray(jax.device_get(_local(correct_fn(params, global_batch))))
-            h, c = exact_match(correct_BT, batch["loss_mask"], batch["segment_ids"])
-            hits, count = hits + h, count + c
-            tokens_right += int((correct_BT & (batch["loss_mask"] > 0)).sum())
-            tokens += int((batch["loss_mask"] > 0).sum())
-        results[n] = {"accuracy": hits / max(count, 1), "token_accuracy": tokens_right / max(tokens, 1),
-                      "examples": count}
-    return results
+
+    def model_correct(batch: dict[str, np.ndarray]) -> np.ndarray:
+        global_batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        return np.asarray(jax.device_get(_local(correct_fn(params, global_batch))))
+
+    return {n: score_batches(synthetic.length_batches(cfg, exp.tokenizer, n, num_batches, lo, hi), model_correct)
+            for n in lengths}
 
 
 def _process_rows(batch_size: int) -> tuple[int, int]:
