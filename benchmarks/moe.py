@@ -1,13 +1,15 @@
 """MoE throughput and quality: dense vs MoE at matched active FLOPs, dropless vs capacity, expert axis 1/4/8.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/moe.py [--steps 5] [--bpb_steps 100]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/moe.py [--steps 5] [--bpb_steps 250]
+    python benchmarks/moe.py --sections=quality --quality_cases=moe   # rerun one part; the rest is kept
 
-Three sections, all in one run on the same 8 (fake CPU) devices, so the ratios are comparable:
+Three sections on the same 8 (fake CPU) devices, so the ratios within a section are comparable:
 1. layer: forward + backward of one MLP layer on B x T tokens (jitted, params sharded by the
    rules table): the dense SwiGLU of width F, and 8 experts of width F/2 with top-2 routing (the
    same active FLOPs), for each dispatch/backend and mesh (data=8/G, expert=G).
-2. train: a full train step (AdamW) of experiments/tiny_cpu.py vs experiments/moe_tiny_cpu.py.
-3. quality: validation bits per byte of both after the same number of steps (same tokens, same
+2. train: a full train step (AdamW) of experiments/tiny_cpu.py vs experiments/moe_tiny_cpu.py
+   right after init, where the router is far from balanced (up to half the copies on one expert).
+3. quality: validation bits per byte of both after the demo's 250 steps (same tokens, same
    active FLOPs per token, so the same training compute), via gqlm.train.loop.train.
 Prints markdown tables (ratio = step time / the dense model's; target <= 1.5) and writes
 benchmarks/results/moe.json. Timings are means after 2 warm-up steps.
@@ -20,6 +22,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 
+import functools  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,8 +45,11 @@ from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_integer("tokens", 8192, "Tokens per layer-benchmark batch (B x T, T = 256).")
-flags.DEFINE_bool("train", True, "Also time full train steps of the tiny experiments.")
-flags.DEFINE_integer("bpb_steps", 100, "Training steps of the dense-vs-MoE quality runs; 0 skips them.")
+flags.DEFINE_list("sections", ["layer", "train", "quality"], "Which sections to run; the others keep "
+                  "their results from an existing --out file.")
+flags.DEFINE_list("quality_cases", ["dense", "moe"], "Models of the quality section.")
+flags.DEFINE_integer("bpb_steps", 250, "Training steps of the dense-vs-MoE quality runs (the demo's 250).")
+flags.DEFINE_integer("eval_batches", 16, "Validation batches (x 4,096 tokens) of the quality runs.")
 flags.DEFINE_string("out", "benchmarks/results/moe.json", "JSON output.")
 FLAGS = flags.FLAGS
 
@@ -54,10 +60,12 @@ LAYER_CASES = [  # (name, moe overrides or None for the dense MLP, expert axis s
     ("moe_dropless_dense", dict(dispatch="dropless", backend="dense"), (1, 4, 8)),
     ("moe_capacity_1.25", dict(dispatch="capacity", capacity_factor=1.25), (1, 4, 8)),
     ("moe_dropless_ragged", dict(dispatch="dropless", backend="ragged"), (1,)),
+    ("dense_mlp", None, (1,)),  # again: the baseline is the mean of both (load drifts on shared cores)
 ]
 TRAIN_CASES = [("dense", "experiments/tiny_cpu.py", None, 1)] + [
     (f"moe_{dispatch}", "experiments/moe_tiny_cpu.py", dispatch, expert)
-    for dispatch in ("dropless", "capacity") for expert in (1, 4, 8)]
+    for dispatch in ("dropless", "capacity") for expert in (1, 4, 8)] + [("dense", "experiments/tiny_cpu.py", None, 1)]
+QUALITY_CASES = [("dense", "experiments/tiny_cpu.py"), ("moe", "experiments/moe_tiny_cpu.py")]
 
 
 def timed(fn, *args, steps: int) -> float:
@@ -121,6 +129,7 @@ def measure_quality(experiment: str, steps: int) -> dict:
     from gqlm.train.loop import train
     config = config_lib.load_experiment(os.path.join(ROOT, experiment))
     overrides = {"train.steps": steps, "train.eval_every": steps, "train.checkpoint_every": steps,
+                 "train.eval_batches": FLAGS.eval_batches,
                  "train.log_every": max(1, steps // 5), "train.sample_tokens": 0, "train.progress": False,
                  "optimizer.warmup_steps": max(1, steps // 10)}
     config = config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
@@ -143,9 +152,11 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def with_ratio(rows: list[dict], baseline: dict) -> list[dict]:
+def with_ratio(rows: list[dict]) -> list[dict]:
+    """Step time over the baseline's: the mean of the first case's rows (measured first and last)."""
+    base = [row["step_time_s"] for row in rows if row["case"] == rows[0]["case"]]
     for row in rows:
-        row["ratio_vs_dense"] = row["step_time_s"] / baseline["step_time_s"]
+        row["ratio_vs_dense"] = row["step_time_s"] * len(base) / sum(base)
         row["meets_target"] = bool(row["ratio_vs_dense"] <= TARGET_RATIO)
     return rows
 
@@ -154,46 +165,79 @@ TIME_COLUMNS = [("case", "case", "s"), ("expert axis", "expert", "d"), ("step ms
                 ("tokens/s", "tokens_per_s", ",.0f"), ("x dense", "ratio_vs_dense", ".2f")]
 
 
-def main(argv):
-    del argv
-    results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
-               "layer_tokens": FLAGS.tokens, "target_ratio": TARGET_RATIO, "layer": [], "train": [],
-               "quality": []}
-    for name, moe, experts in LAYER_CASES:
-        for expert in experts:
-            row = measure_layer(moe, expert, FLAGS.steps)
-            row.update(case=name, expert=expert, step_ms=row["step_time_s"] * 1e3)
-            results["layer"].append(row)
-            print(f"layer {name} expert={expert}: {row['step_ms']:.0f} ms", flush=True)
-    with_ratio(results["layer"], results["layer"][0])
-    if FLAGS.train:
-        for name, experiment, dispatch, expert in TRAIN_CASES:
-            overrides = {"mesh.data": str(8 // expert), "mesh.expert": str(expert)}
-            if dispatch:
-                overrides["model.moe.dispatch"] = dispatch
-            row = measure_training(experiment, overrides, FLAGS.steps)
-            row.update(case=name, expert=expert, step_ms=row["step_time_s"] * 1e3)
-            results["train"].append(row)
-            print(f"train {name} expert={expert}: {row['step_ms']:.0f} ms", flush=True)
-        with_ratio(results["train"], results["train"][0])
-    if FLAGS.bpb_steps:
-        for name, experiment in (("dense", "experiments/tiny_cpu.py"), ("moe", "experiments/moe_tiny_cpu.py")):
-            row = measure_quality(experiment, FLAGS.bpb_steps)
-            row["case"] = name
-            results["quality"].append(row)
-            print(f"quality {name}: bpb {row['validation_bpb']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+def previous_results(path: str) -> dict:
+    """Results of an earlier run (sections not rerun keep them); {} when there are none."""
+    import json
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
-    print(f"\n### MoE layer, forward + backward ({FLAGS.tokens} tokens, D=256; dense F=1024 vs "
-          f"8 experts F=512 top-2)\n")
-    print(table(results["layer"], TIME_COLUMNS + [("dropped", "drop_fraction", ".4f")]))
-    if results["train"]:
+
+def time_cases(results: dict, section: str, cases: list) -> None:
+    """results[section]: one row per (name, expert, measure) case, with its ratio to the first."""
+    rows = results[section] = []
+    for name, expert, measure in cases:
+        row = measure() | {"case": name, "expert": expert}
+        row["step_ms"] = row["step_time_s"] * 1e3
+        rows.append(row)
+        print(f"{section} {name} expert={expert}: {row['step_ms']:.0f} ms", flush=True)
+    with_ratio(rows)
+
+
+def run_layer(results: dict) -> None:
+    time_cases(results, "layer", [(name, expert, functools.partial(measure_layer, moe, expert, FLAGS.steps))
+                                  for name, moe, experts in LAYER_CASES for expert in experts])
+
+
+def train_overrides(dispatch: str | None, expert: int) -> dict[str, str]:
+    overrides = {"mesh.data": str(8 // expert), "mesh.expert": str(expert)}
+    return overrides | ({"model.moe.dispatch": dispatch} if dispatch else {})
+
+
+def run_train(results: dict) -> None:
+    time_cases(results, "train", [
+        (name, expert, functools.partial(measure_training, experiment, train_overrides(dispatch, expert),
+                                         FLAGS.steps))
+        for name, experiment, dispatch, expert in TRAIN_CASES])
+
+
+def run_quality(results: dict) -> None:
+    rows = {row["case"]: row for row in results.get("quality", [])}
+    for name, experiment in QUALITY_CASES:
+        if name in FLAGS.quality_cases:
+            rows[name] = measure_quality(experiment, FLAGS.bpb_steps) | {"case": name}
+            print(f"quality {name}: bpb {rows[name]['validation_bpb']:.4f} ({rows[name]['wall_s']:.0f} s)",
+                  flush=True)
+    results["quality"] = [rows[name] for name, _ in QUALITY_CASES if name in rows]
+
+
+def print_tables(results: dict) -> None:
+    if results.get("layer"):
+        print(f"\n### MoE layer, forward + backward ({results['layer_tokens']} tokens, D=256; dense F=1024 "
+              f"vs 8 experts F=512 top-2)\n")
+        print(table(results["layer"], TIME_COLUMNS + [("dropped", "drop_fraction", ".4f")]))
+    if results.get("train"):
         print("\n### Train step (AdamW): tiny_cpu vs moe_tiny_cpu (4 layers, d128, 4096 tokens/step)\n")
         print(table(results["train"], TIME_COLUMNS))
-    if results["quality"]:
-        print(f"\n### Validation after {FLAGS.bpb_steps} steps (same tokens, same active FLOPs per token)\n")
-        print(table(results["quality"], [("model", "case", "s"), ("train FLOPs/token", "train_flops_per_token", ".3g"),
+    if results.get("quality"):
+        print("\n### Validation bpb at equal training compute (same steps and tokens, same active FLOPs per "
+              "token)\n")
+        print(table(results["quality"], [("model", "case", "s"), ("steps", "steps", "d"),
+                                         ("train FLOPs/token", "train_flops_per_token", ".3g"),
                                          ("val loss", "validation_loss", ".4f"), ("val bpb", "validation_bpb", ".4f"),
                                          ("wall s", "wall_s", ".0f")]))
+
+
+def main(argv):
+    del argv
+    results = previous_results(FLAGS.out)
+    results.update(devices=jax.device_count(), platform=jax.devices()[0].platform,
+                   layer_tokens=FLAGS.tokens, target_ratio=TARGET_RATIO)
+    runs = {"layer": run_layer, "train": run_train, "quality": run_quality}
+    for section in FLAGS.sections:  # in the order given
+        runs[section](results)
+    print_tables(results)
     write_results(FLAGS.out, results)
 
 

@@ -183,16 +183,26 @@ def test_ragged_equals_row_loop():
     assert_close(md.swiglu_ragged(x, group_sizes, w), jnp.stack(loop), rtol=1e-5, atol=1e-5)
 
 
-def test_first_bucket():
-    assert md.first_bucket(64, 4) == 24  # 1.25 * 64 / 4 = 20, rounded up to a multiple of 8
-    assert md.first_bucket(8, 4) == 8
+def test_block_rows():
+    assert md.block_rows(1024, 8) == 32  # a quarter of 1024 / 8 rows per expert
+    assert md.block_rows(100, 4) == 8  # 100 / 16 = 6.25, rounded up to a multiple of 8
+    assert md.block_rows(10**6, 8) == 256  # capped
 
 
-@pytest.mark.parametrize("expected_rows", [None, 8])
+def test_block_layout_places_each_expert_in_its_own_blocks():
+    expert = jnp.array([2, 0, 2, 4, 2, 1, 2, 2], jnp.int32)  # 4 = no expert; expert 3 empty
+    layout = md.block_layout(expert, E, 2)
+    # Blocks of 2 rows: expert 0 -> block 0, expert 1 -> block 1, expert 2 (5 copies) -> blocks 2-4.
+    np.testing.assert_array_equal(np.asarray(layout.block_end_E), [1, 2, 5, 5])
+    np.testing.assert_array_equal(np.asarray(layout.position_M), [4, 0, 5, -1, 6, 2, 7, 8])
+
+
+@pytest.mark.parametrize("expected_rows,block", [(None, None), (8, 8), (4, 2)])
 @pytest.mark.parametrize("routing", ["spread", "one_expert"])
-def test_bucketed_output_and_grads_match_row_loop(routing, expected_rows):
-    """Spread rows fit the first bucket; one expert with 17 rows overflows through two doublings
-    (8 -> 16 -> 32). Both give the row loop's outputs and gradients (custom-VJP permutations)."""
+def test_blocked_output_and_grads_match_row_loop(routing, expected_rows, block):
+    """Blocks of 8 rows: every layout fits the first chunk. Blocks of 2 rows with expected_rows=4:
+    the first chunk holds 7 blocks and both routings need 9 (17 rows of one expert; 4+4+4+5), so
+    the second chunk runs under lax.cond. All give the row loop's outputs and gradients."""
     w = random_weights(0)
     m = 20
     if routing == "spread":
@@ -203,17 +213,28 @@ def test_bucketed_output_and_grads_match_row_loop(routing, expected_rows):
     _, counts = md.expert_ranks(expert, E)
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(np.asarray(expert), minlength=E + 1)[:E])
 
-    def loss_bucketed(x, w):
-        return jnp.sum(jnp.sin(md.swiglu_bucketed(x, expert, w, expected_rows)))
+    def loss_blocked(x, w):
+        return jnp.sum(jnp.sin(md.swiglu_blocked(x, expert, w, expected_rows, block)))
 
     def loss_loop(x, w):
         rows = [swiglu(x[i], *(a[int(e)] for a in w)) if e < E else jnp.zeros(D) for i, e in enumerate(expert)]
         return jnp.sum(jnp.sin(jnp.stack(rows)))
 
-    got = jax.jit(jax.value_and_grad(loss_bucketed, argnums=(0, 1)))(x, w)
+    got = jax.jit(jax.value_and_grad(loss_blocked, argnums=(0, 1)))(x, w)
     want = jax.value_and_grad(loss_loop, argnums=(0, 1))(x, w)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_experts_gradient_sums_each_experts_blocks():
+    w = jax.random.normal(jax.random.key(0), (E, 3, 2))
+    expert = jnp.array([0, 0, 2, 3, 3, 3], jnp.int32)
+    g = jax.random.normal(jax.random.key(1), (6, 3, 2))
+    got = jax.grad(lambda w: jnp.sum(md.gather_experts(w, expert) * g))(w)
+    want = np.zeros((E, 3, 2), np.float32)
+    for q, e in enumerate(np.asarray(expert)):
+        want[e] += np.asarray(g[q])
+    assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["dense", "ragged"])

@@ -1,12 +1,15 @@
 """MoE dispatch: moving token copies to experts, the per-expert SwiGLU, and combining back.
 
 B batch, T length, D model dim, F expert mlp dim, E experts, K experts per token, M token copies
-(rows), C capacity per expert (per sequence, or a dropless bucket), G devices on the `expert`
-mesh axis, L experts per device (E / G), R rows per expert in a capacity buffer, N = E C slots.
+(rows), C capacity per expert (per sequence), G devices on the `expert`
+mesh axis, L experts per device (E / G), R rows (per expert in a capacity buffer, or of a chunk of
+blocks), N = E C slots, Q blocks of P rows (one expert's copies each), X Y any weight dims.
 
 A copy is one (token, slot k) pair. Dropless dispatch groups copies by expert: sorted, for
-`ragged_dot` grouped GEMMs (GPU/TPU), or in [E, C] buckets for batched einsums, with doubling
-overflow buckets so nothing is dropped (CPU); capacity dispatch writes copies into fixed [E, C] buffers and drops the overflow. Expert
+`ragged_dot` grouped GEMMs (GPU/TPU), or (CPU, where ragged_dot runs at ~1/8 of matmul speed)
+into blocks of P rows, one expert's each, computed as batched einsums with each block's expert
+weights, so the cost follows the real rows whatever the balance;
+capacity dispatch writes copies into fixed [E, C] buffers and drops the overflow. Expert
 id E (one past the last) marks a copy that no expert processes (padding or dropped): its output
 is 0. Every function here works on one device's arrays; `moe.py` wires them into `shard_map`.
 """
@@ -43,8 +46,10 @@ def swiglu_batched(x_ERD: jax.Array, w: ExpertWeights) -> jax.Array:
     return jnp.einsum("erf,efd->erd", jax.nn.silu(gate_ERF) * up_ERF, w.out_EFD)
 
 
-# Dense backend: the first bucket holds 1.25x the balanced load per expert.
-FIRST_BUCKET_SLACK = 1.25
+# Dense backend: expert blocks of ~1/4 of the balanced load per expert; the first chunk of blocks
+# holds 1.25x the expected rows (under expert parallelism most received rows are empty).
+BLOCKS_PER_EXPERT = 4
+FIRST_CHUNK_SLACK = 1.25
 
 
 @jax.custom_vjp
@@ -68,6 +73,27 @@ def _permute_bwd(res, dy_ND):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
+@jax.custom_vjp
+def gather_experts(w_EXY: jax.Array, expert_Q: jax.Array) -> jax.Array:
+    """w[expert[q]] for each block q. The gradient sums the blocks of each expert with a one-hot
+    einsum (Q x E x X x Y multiply-adds, a few % of the block matmuls) instead of XLA:CPU's
+    scatter-add, which runs element by element and costs more than the matmuls."""
+    return w_EXY[expert_Q]
+
+
+def _gather_fwd(w_EXY, expert_Q):
+    return w_EXY[expert_Q], (expert_Q, w_EXY.shape[0])
+
+
+def _gather_bwd(res, dw_QXY):
+    expert_Q, num_experts = res
+    onehot_QE = jax.nn.one_hot(expert_Q, num_experts, dtype=dw_QXY.dtype)
+    return jnp.einsum("qe,qxy->exy", onehot_QE, dw_QXY), None
+
+
+gather_experts.defvjp(_gather_fwd, _gather_bwd)
+
+
 def expert_ranks(expert_M: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """(rank_M, counts_E): each copy's position among its expert's copies (row order), and the
     copies per expert. Copies with expert id E count nowhere."""
@@ -76,62 +102,96 @@ def expert_ranks(expert_M: jax.Array, num_experts: int) -> tuple[jax.Array, jax.
     return rank_M, jnp.sum(onehot_ME, axis=0)
 
 
-def first_bucket(expected_rows: int, num_experts: int) -> int:
-    """Rows per expert of the first bucket: 1.25 x the balanced load, a multiple of 8."""
-    return max(8, -(-math.ceil(FIRST_BUCKET_SLACK * expected_rows / num_experts) // 8) * 8)
+def block_rows(expected_rows: int, num_experts: int) -> int:
+    """Rows per block: a quarter of the balanced load per expert, a multiple of 8 in [8, 256].
+
+    Each expert wastes under one block of padding, so ~E x block / 2 = 12.5% of the rows on
+    average; smaller blocks make smaller (slower) matmuls and more weight copies."""
+    rows = -(-expected_rows // (BLOCKS_PER_EXPERT * num_experts))
+    return min(256, max(8, -(-rows // 8) * 8))
 
 
-def swiglu_bucket(x_MD: jax.Array, expert_M: jax.Array, rank_M: jax.Array, w: ExpertWeights,
-                  cap: int) -> jax.Array:
-    """SwiGLU of the rows with rank < cap, through one [E, cap, D] buffer and batched einsums;
-    other rows (and expert id E) give 0."""
+class BlockLayout(NamedTuple):
+    """Copies sorted by expert into blocks of `block` rows; each expert's copies start a new block."""
+    position_M: jax.Array  # row of copy m in the blocked layout; -1 for expert id E
+    block_end_E: jax.Array  # one past the last block of each expert (cumulative block counts)
+    block: int
+
+
+def block_layout(expert_M: jax.Array, num_experts: int, block: int) -> BlockLayout:
+    rank_M, counts_E = expert_ranks(expert_M, num_experts)
+    blocks_E = -(-counts_E // block)
+    block_end_E = jnp.cumsum(blocks_E)
+    start_M = (block_end_E - blocks_E)[jnp.minimum(expert_M, num_experts - 1)]
+    position_M = jnp.where(expert_M < num_experts, start_M * block + rank_M, -1)
+    return BlockLayout(position_M.astype(jnp.int32), block_end_E.astype(jnp.int32), block)
+
+
+def swiglu_blocks(x_MD: jax.Array, layout: BlockLayout, w: ExpertWeights, first: int,
+                  num_blocks: int) -> jax.Array:
+    """SwiGLU of the copies in blocks [first, first + num_blocks) of `layout` (0 for the others):
+    each block is one expert's rows, so gathering its expert's weights makes the whole chunk one
+    batched einsum per weight."""
     num_rows, dim = x_MD.shape
-    num_experts = w.gate_EDF.shape[0]
-    keep_M = (expert_M < num_experts) & (rank_M < cap)
-    slot_M = jnp.where(keep_M, expert_M * cap + rank_M, num_experts * cap)
-    src_N = jnp.full((num_experts * cap,), num_rows, jnp.int32).at[slot_M].set(
+    num_experts, b = w.gate_EDF.shape[0], layout.block
+    rows = num_blocks * b
+    local_M = layout.position_M - first * b
+    dst_M = jnp.where((layout.position_M >= 0) & (local_M >= 0) & (local_M < rows), local_M, rows)
+    src_R = jnp.full((rows,), num_rows, jnp.int32).at[dst_M].set(
         jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-    x_ECD = permute_rows(x_MD, src_N, slot_M).reshape(num_experts, cap, dim)
-    y_ECD = swiglu_batched(x_ECD, w)
-    return permute_rows(y_ECD.reshape(num_experts * cap, dim), slot_M, src_N)
+    block_ids_Q = jnp.arange(first, first + num_blocks, dtype=jnp.int32)
+    # Blocks past the last expert's hold no rows (their zeros give 0 and no gradient): any expert.
+    expert_Q = jnp.minimum(jnp.sum(block_ids_Q[:, None] >= layout.block_end_E[None, :], axis=1),
+                           num_experts - 1)
+    x_QPD = permute_rows(x_MD, src_R, dst_M).reshape(num_blocks, b, dim)
+    gate_QDF, up_QDF, out_QFD = (gather_experts(a, expert_Q) for a in w)
+    h_QPF = jax.nn.silu(jnp.einsum("qpd,qdf->qpf", x_QPD, gate_QDF)) * jnp.einsum(
+        "qpd,qdf->qpf", x_QPD, up_QDF)
+    y_QPD = jnp.einsum("qpf,qfd->qpd", h_QPF, out_QFD)
+    return permute_rows(y_QPD.reshape(rows, dim), dst_M, src_R)
 
 
-def swiglu_bucketed(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights,
-                    expected_rows: int | None = None, cap: int | None = None) -> jax.Array:
-    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E), exact, no sort: fast on CPU.
+def swiglu_blocked(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights,
+                   expected_rows: int | None = None, block: int | None = None) -> jax.Array:
+    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E), exact, no sort: the CPU backend.
 
-    Each expert's first `cap` rows (1.25 x its balanced share of `expected_rows`, by default all
-    M rows) go to an [E, cap, D] buffer: one batched einsum per weight runs every expert, and the
-    weights' gradients are plain einsums. Rows past the cap (an unbalanced load) are handled by a
-    `lax.cond` that only runs when some exist: the same, recursively, with the cap doubled, until
-    it holds every row. So nothing is ever dropped and a balanced load costs ~1.25x the FLOPs of
-    its real rows. `expected_rows`: how many of the M rows are real on average (fewer under
-    expert parallelism's worst-case buffers).
+    Copies are laid out by expert in blocks of `block` rows (padding each expert to whole blocks),
+    and a chunk of blocks runs as batched einsums with each block's expert weights: the cost
+    follows the number of real rows whatever the balance (a collapsed router costs what a
+    balanced one does), plus under one block of padding per expert. `expected_rows`: how many of
+    the M rows are real on average (fewer under expert parallelism's worst-case buffers): the
+    first chunk holds 1.25x that many; the rest of the worst case (every row real) runs in
+    doubling chunks, each under a `lax.cond` that skips it unless the layout reaches it.
     """
     num_rows = x_MD.shape[0]
     num_experts = w.gate_EDF.shape[0]
-    cap = cap or first_bucket(expected_rows or num_rows, num_experts)
-    rank_M, counts_E = expert_ranks(expert_M, num_experts)
-    if cap >= num_rows:  # Holds any grouping.
-        return swiglu_bucket(x_MD, expert_M, rank_M, w, num_rows)
-    y_MD = swiglu_bucket(x_MD, expert_M, rank_M, w, cap)
-    rest_M = jnp.where(rank_M < cap, num_experts, expert_M)
-    # The overflow branch is rematerialised: differentiating a cond saves every branch's
-    # residuals, and this keeps them to its inputs when the branch does not run.
-    overflow = jax.checkpoint(lambda x, e, w: swiglu_bucketed(x, e, w, cap=2 * cap))
-    return y_MD + jax.lax.cond(jnp.max(counts_E) > cap, overflow,
-                               lambda x, e, w: jnp.zeros_like(x), x_MD, rest_M, w)
+    expected = min(num_rows, expected_rows or num_rows)
+    block = block or block_rows(expected, num_experts)
+    layout = block_layout(expert_M, num_experts, block)
+    max_blocks = -(-num_rows // block) + num_experts  # every row real, every expert's last block partial
+    size = min(max_blocks, -(-math.ceil(FIRST_CHUNK_SLACK * expected) // block) + num_experts)
+    y_MD = swiglu_blocks(x_MD, layout, w, 0, size)
+    used_blocks = layout.block_end_E[-1]
+    first = size
+    while first < max_blocks:
+        size = min(2 * size, max_blocks - first)
+        # Rematerialised: differentiating a cond saves every branch's residuals; this keeps them
+        # to the inputs when the chunk does not run.
+        chunk = jax.checkpoint(lambda x, w, first=first, size=size: swiglu_blocks(x, layout, w, first, size))
+        y_MD = y_MD + jax.lax.cond(used_blocks > first, chunk, lambda x, w: jnp.zeros_like(x), x_MD, w)
+        first += size
+    return y_MD
 
 
 def grouped_swiglu(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights, backend: str,
                    expected_rows: int | None = None) -> jax.Array:
     """Expert expert_M[m] applied to row m (0 where expert_M[m] == E).
 
-    `ragged`: sort by expert, `lax.ragged_dot` grouped GEMMs, unsort. `dense`: `swiglu_bucketed`.
+    `ragged`: sort by expert, `lax.ragged_dot` grouped GEMMs, unsort. `dense`: `swiglu_blocked`.
     `expected_rows`: how many rows are real on average when most are empty (dense backend).
     """
     if backend == "dense":
-        return swiglu_bucketed(x_MD, expert_M, w, expected_rows)
+        return swiglu_blocked(x_MD, expert_M, w, expected_rows)
     if backend != "ragged":
         raise ValueError(f"MoE backend {backend!r} must be ragged or dense")
     num_experts = w.gate_EDF.shape[0]
