@@ -142,7 +142,8 @@ def test_soap_state_sharded_like_its_parameter():
     stat, basis = soap_state.precond["w"].stats[0], soap_state.precond["w"].bases[0]
     assert stat.spec == P("fsdp", None) and not stat.is_fully_replicated
     assert basis.spec == P("fsdp", None)
-    assert soap_state.precond["w"].stats[1].is_fully_replicated  # the unsharded 32-side
+    # The parameter's unsharded 32-side: rows split over the parameter's (fsdp) axis all the same.
+    assert soap_state.precond["w"].stats[1].spec == P("fsdp", None)
     assert soap_state.mu["w"].spec == P("fsdp", None) and soap_state.nu["w"].spec == P("fsdp", None)
     assert soap_state.count.is_fully_replicated and out[1].count.is_fully_replicated
 

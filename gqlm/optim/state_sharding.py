@@ -64,10 +64,14 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
         return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
     def precond_shardings(pc: Preconditioner, param_spec: tuple) -> Preconditioner:
+        every_axis = sum((_axes(e) for e in param_spec), ())
+
         def one(k, x):
             if x is None:
                 return None
-            axes = sum((_axes(param_spec[i]) for i in pc.dims[k]), ())
+            # A dimension the parameter does not shard still gets its rows split, over the
+            # parameter's other axes: an fsdp-sharded matrix never has a replicated statistic.
+            axes = sum((_axes(param_spec[i]) for i in pc.dims[k]), ()) or every_axis
             return named(P(_entry(axes), None), x.shape)
         return Preconditioner(stats=tuple(one(k, x) for k, x in enumerate(pc.stats)),
                               bases=tuple(one(k, x) for k, x in enumerate(pc.bases)), dims=pc.dims)
