@@ -39,7 +39,8 @@ def test_layout():
 def test_statistics_match_numpy():
     rng = np.random.default_rng(0)
     g, g2 = rng.normal(size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
-    stats = S.init_statistics(jnp.asarray(g), [True, False, True], 0.9)
+    zeros = (jnp.zeros((4, 4)), None, jnp.zeros((5, 5)))  # the transform's initial statistics
+    stats = S.update_statistics(zeros, jnp.asarray(g), 0.9)
     assert stats[1] is None
     for k in (0, 2):
         np.testing.assert_allclose(stats[k], 0.1 * _unfold(g, k) @ _unfold(g, k).T, rtol=1e-5, atol=1e-6)

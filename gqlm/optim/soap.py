@@ -125,13 +125,9 @@ def _mode_gram(x: jax.Array, k: int) -> jax.Array:
     return jnp.tensordot(x, x, axes=(others, others))
 
 
-def init_statistics(g: jax.Array, active: Sequence[bool], shampoo_beta: float) -> tuple:
-    """First statistics from the first (layout-shaped) gradient: a lerp from zero."""
-    return tuple((1 - shampoo_beta) * _mode_gram(g, k) if on else None for k, on in enumerate(active))
-
-
 def update_statistics(stats: tuple, g: jax.Array, shampoo_beta: float) -> tuple:
-    """L_k <- sb L_k + (1 - sb) G_(k) G_(k)^T for each preconditioned dimension k."""
+    """L_k <- sb L_k + (1 - sb) G_(k) G_(k)^T for each preconditioned dimension k (from zero
+    statistics this is the reference's first statistics, a lerp from zero)."""
     return tuple(None if s is None else shampoo_beta * s + (1 - shampoo_beta) * _mode_gram(g, k)
                  for k, s in enumerate(stats))
 
@@ -159,15 +155,17 @@ def project_back(x: jax.Array, bases: tuple) -> jax.Array:
 
 def refresh_bases(stats: tuple, bases: tuple, nu: jax.Array) -> tuple[tuple, jax.Array]:
     """One power-iteration + QR step per basis; nu (layout-shaped) permuted to the new order."""
-    new_bases = []
-    for k, (st, q) in enumerate(zip(stats, bases)):
-        if st is None:
-            new_bases.append(None)
-            continue
-        new_q, order = _qr_refresh(st, q)
-        new_bases.append(new_q)
-        nu = jnp.take(nu, order, axis=k)
-    return tuple(new_bases), nu
+    refreshed = [None if st is None else _qr_refresh(st, q) for st, q in zip(stats, bases)]
+    new_bases = tuple(None if r is None else r[0] for r in refreshed)
+    return new_bases, permute(nu, tuple(None if r is None else r[1] for r in refreshed))
+
+
+def permute(x: jax.Array, orders: tuple) -> jax.Array:
+    """x (layout-shaped) reordered along each dimension k by orders[k] (None: unchanged)."""
+    for k, order in enumerate(orders):
+        if order is not None:
+            x = jnp.take(x, order, axis=k)
+    return x
 
 
 def _eigenbasis(s: jax.Array) -> jax.Array:
@@ -309,12 +307,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
 
         branch = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
         bases, orders = update_bases(branch, stats, [pc.bases for pc in flat[3]])
-        for i, (pc, order) in enumerate(zip(flat[3], orders)):  # v follows the eigenvalue order
-            nu_l = _to_layout(nus[i], pc.dims)
-            for k, o in enumerate(order):
-                if o is not None:
-                    nu_l = jnp.take(nu_l, o, axis=k)
-            nus[i] = nu_l.reshape(mus[i].shape)
+        # v follows the eigenvalue order (the orders are the identity unless refreshing).
+        nus = [permute(_to_layout(nu, pc.dims), order).reshape(nu.shape)
+               for nu, pc, order in zip(nus, flat[3], orders)]
         precond = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, b in zip(flat[3], stats, bases)]
         new_state = ScaleBySoapState(
             count=jnp.where(first, state.count, t), initialized=jnp.ones([], bool),
