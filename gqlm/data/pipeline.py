@@ -87,11 +87,13 @@ class PackRows:
         return packing.pack_rows(a[0], a[1], np.asarray(rows)[self.lo:self.hi], self.seq_len, self.pad_id)
 
 
-def _process_slice(batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_slice(batch_size: int, process_index: int | None = None, process_count: int | None = None,
+                  key: str = "data.batch_size") -> tuple[int, int]:
+    """This process's rows [lo, hi) of a global batch; `key` names the batch size in errors."""
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     if batch_size % n:
-        raise ConfigError(f"data.batch_size={batch_size} is not divisible by the {n} processes")
+        raise ConfigError(f"{key}={batch_size} is not divisible by the {n} processes")
     if not 0 <= p < n:
         raise ValueError(f"process_index={p} outside [0, {n})")
     return p * batch_size // n, (p + 1) * batch_size // n
@@ -111,7 +113,7 @@ def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, process_index:
                         process_count: int | None = None) -> grain.DatasetIterator:
     """Host-local batches `[batch_size / process_count, seq_len]`, forever-ish (data.num_epochs)."""
     d = config.data
-    lo, hi = _process_slice(d.batch_size, process_index, process_count)
+    lo, hi = process_slice(d.batch_size, process_index, process_count)
     if synthetic.is_synthetic(d.corpus):
         return synthetic.make_train_iterator(config, tokenizer, lo, hi)
     stream = _checked_stream(config, tokenizer, "train")
@@ -131,7 +133,7 @@ def make_eval_batches(config: ConfigDict, tokenizer: Tokenizer, split: str = "va
     """The first `num_batches` global batches of `split`, in order, as host-local batches.
     Rows past the end of the split are padding (loss_mask 0); a short split gives fewer batches."""
     d = config.data
-    lo, hi = _process_slice(d.batch_size, process_index, process_count)
+    lo, hi = process_slice(d.batch_size, process_index, process_count)
     if synthetic.is_synthetic(d.corpus):
         return synthetic.make_eval_batches(config, tokenizer, split, num_batches, lo, hi)
     stream = _checked_stream(config, tokenizer, split)

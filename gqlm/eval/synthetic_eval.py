@@ -26,6 +26,7 @@ from gqlm import cli
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigError
 from gqlm.data import synthetic
+from gqlm.data.pipeline import process_slice
 
 
 def exact_match(correct_BT: np.ndarray, loss_mask_BT: np.ndarray, segment_ids_BT: np.ndarray
@@ -76,7 +77,7 @@ def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: in
         synthetic.check_length(spec, n)
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     correct_fn = jax.jit(make_correct_fn(exp.model.graphdef))
-    lo, hi = _process_rows(cfg.data.batch_size)
+    lo, hi = process_slice(cfg.data.batch_size)
 
     def model_correct(batch: dict[str, np.ndarray]) -> np.ndarray:
         global_batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
@@ -84,11 +85,6 @@ def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: in
 
     return {n: score_batches(synthetic.length_batches(cfg, exp.tokenizer, n, num_batches, lo, hi), model_correct)
             for n in lengths}
-
-
-def _process_rows(batch_size: int) -> tuple[int, int]:
-    p, n = jax.process_index(), jax.process_count()
-    return p * batch_size // n, (p + 1) * batch_size // n
 
 
 def _local(x: jax.Array) -> np.ndarray:

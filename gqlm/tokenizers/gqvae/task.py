@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
-from gqlm.data.pipeline import to_global
+from gqlm.data.pipeline import process_slice, to_global
 from gqlm.optim.factory import opt_state_shardings
 from gqlm.tokenizers.gqvae import train as gq
 from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD, corpus_pieces
@@ -41,14 +41,6 @@ class PieceRows:
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {"bytes": self.bytes_NT[np.asarray(indices)[self.lo:self.hi]].astype(np.int32)}
-
-
-def process_rows(batch_size: int) -> tuple[int, int]:
-    """This process's slice [lo, hi) of a global batch."""
-    p, n = jax.process_index(), jax.process_count()
-    if batch_size % n:
-        raise ConfigError(f"gqvae.batch_size={batch_size} is not divisible by the {n} processes")
-    return p * batch_size // n, (p + 1) * batch_size // n
 
 
 def batch_shards(mesh: Mesh, rules: Any) -> int:
@@ -106,7 +98,7 @@ class GQVAETask(Task):
     def train_iterator(self, exp: Experiment) -> grain.DatasetIterator:
         cfg = exp.config
         bytes_NT = self.pieces(exp, "train")
-        lo, hi = process_rows(cfg.gqvae.batch_size)
+        lo, hi = process_slice(cfg.gqvae.batch_size, key="gqvae.batch_size")
         ds = grain.MapDataset.range(len(bytes_NT)).shuffle(seed=cfg.seed).repeat(cfg.data.num_epochs)
         ds = ds.batch(cfg.gqvae.batch_size, drop_remainder=True).map(PieceRows(bytes_NT, lo, hi))
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
@@ -116,7 +108,7 @@ class GQVAETask(Task):
         b = exp.config.gqvae.batch_size
         bytes_NT = self.pieces(exp, "validation")
         padded = np.concatenate([bytes_NT, np.full((1, bytes_NT.shape[1]), BYTE_PAD, bytes_NT.dtype)])
-        lo, hi = process_rows(b)
+        lo, hi = process_slice(b, key="gqvae.batch_size")
         count = min(exp.config.train.eval_batches, -(-len(bytes_NT) // b))
         rows = [np.minimum(i * b + np.arange(lo, hi), len(bytes_NT)) for i in range(count)]
         return [{"bytes": padded[r].astype(np.int32)} for r in rows]
