@@ -132,26 +132,34 @@ def _mesh():
     return jax.make_mesh((2, 4, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
-def test_soap_state_sharded_like_its_parameter():
+def test_soap_state_split_over_every_device():
     mesh = _mesh()  # data=2, fsdp=4
-    abstract = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32), "b": jax.ShapeDtypeStruct((32,), jnp.float32)}
-    shardings = {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P())}
+    abstract = {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32), "b": jax.ShapeDtypeStruct((32,), jnp.float32),
+                "v": jax.ShapeDtypeStruct((12, 20), jnp.float32)}
+    shardings = {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P()),
+                 "v": NamedSharding(mesh, P())}
     tx, _ = factory.make_optimizer(_cfg(name="soap", grad_clip=1.0, weight_decay=0.1), 10, abstract)
     out = factory.opt_state_shardings(tx, abstract, shardings, mesh)
     soap_state = out[1].soap
-    stat, basis = soap_state.precond["w"].stats[0], soap_state.precond["w"].bases[0]
-    assert stat.spec == P("fsdp", None) and not stat.is_fully_replicated
-    assert basis.spec == P("fsdp", None)
-    # The parameter's unsharded 32-side: rows split over the parameter's (fsdp) axis all the same.
-    assert soap_state.precond["w"].stats[1].spec == P("fsdp", None)
-    assert soap_state.mu["w"].spec == P("fsdp", None) and soap_state.nu["w"].spec == P("fsdp", None)
+    w = soap_state.precond["w"]
+    # Statistics rows and basis columns over all 8 devices, whatever the parameter's own sharding.
+    assert [st.spec for st in w.stats] == [P(("data", "fsdp"), None)] * 2
+    assert [q.spec for q in w.bases] == [P(None, ("data", "fsdp"))] * 2
+    # Neither 12 nor 20 splits 8 ways: the largest set of axes that divides each, fsdp (4).
+    v = soap_state.precond["v"]
+    assert [st.spec for st in v.stats] == [P("fsdp", None)] * 2
+    # mu follows the parameter; nu (eigenbasis) is split along the larger side, like the step.
+    assert soap_state.mu["w"].spec == P("fsdp", None)
+    assert soap_state.nu["w"].spec == P(("data", "fsdp"), None)
+    assert soap_state.nu["v"].spec == P(None, "fsdp")
     assert soap_state.count.is_fully_replicated and out[1].count.is_fully_replicated
 
     # The shardings are usable: init and a step compile and run with them.
     with jax.set_mesh(mesh):
-        params = jax.device_put({"w": jnp.ones((64, 32)), "b": jnp.ones((32,))}, shardings)
+        params = jax.device_put({"w": jnp.ones((64, 32)), "b": jnp.ones((32,)), "v": jnp.ones((12, 20))},
+                                shardings)
         state = jax.jit(tx.init, out_shardings=out)(params)
-        assert state[1].soap.precond["w"].stats[0].sharding.spec == P("fsdp", None)
+        assert state[1].soap.precond["w"].stats[0].sharding.spec == P(("data", "fsdp"), None)
         step = jax.jit(lambda g, s, p: tx.update(g, s, p), out_shardings=(shardings, out))
         for _ in range(2):
             u, state = step(params, state, params)

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gqlm.config import MESH_AXES
 from gqlm.optim import soap as S
+from gqlm.optim.soap_split import rotated_step, split_axes, split_dim
 
 
 def _unfold(x, k):
@@ -36,56 +37,99 @@ def test_layout():
     assert S.layout((), precondition_1d=True, **opts) == ((), ())
 
 
-def test_statistics_match_numpy():
+def _orthogonal(rng, n):
+    return np.linalg.qr(rng.normal(size=(n, n)))[0]
+
+
+def _mode_product(x, q, k, q_dim):
+    """NumPy mode-k product: contract mode k of x with dimension q_dim of q."""
+    return np.moveaxis(np.tensordot(x, q, axes=([k], [q_dim])), -1, k)
+
+
+@pytest.mark.parametrize("shape,active", [((5, 7), (True, True)), ((4, 3, 5), (True, False, True)),
+                                          ((6, 4), (False, True))])
+def test_rotated_step_matches_numpy(shape, active):
+    """Statistics, second moment and direction of one step against a NumPy transcription of the
+    reference (Q_L^T G Q_R, Adam there, rotated back), with an identity dimension where inactive."""
     rng = np.random.default_rng(0)
-    g, g2 = rng.normal(size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
-    zeros = (jnp.zeros((4, 4)), None, jnp.zeros((5, 5)))  # the transform's initial statistics
-    stats = S.update_statistics(zeros, jnp.asarray(g), 0.9)
-    assert stats[1] is None
-    for k in (0, 2):
-        np.testing.assert_allclose(stats[k], 0.1 * _unfold(g, k) @ _unfold(g, k).T, rtol=1e-5, atol=1e-6)
-    stats2 = S.update_statistics(stats, jnp.asarray(g2), 0.9)
-    for k in (0, 2):
-        want = 0.9 * 0.1 * _unfold(g, k) @ _unfold(g, k).T + 0.1 * _unfold(g2, k) @ _unfold(g2, k).T
-        np.testing.assert_allclose(stats2[k], want, rtol=1e-5, atol=1e-6)
+    g, mu = rng.normal(size=shape), rng.normal(size=shape)
+    nu = rng.uniform(0.5, 1.5, size=shape)
+    stats = [rng.normal(size=(n, n)) if on else None for n, on in zip(shape, active)]
+    stats = [None if st is None else st @ st.T for st in stats]
+    bases = [_orthogonal(rng, n) if on else None for n, on in zip(shape, active)]
+    b2, sb, eps = 0.95, 0.9, 1e-8
+    direction, nu_new, stats_new = rotated_step(
+        *(jnp.asarray(x, jnp.float32) for x in (g, mu, nu)),
+        tuple(None if st is None else jnp.asarray(st, jnp.float32) for st in stats),
+        tuple(None if q is None else jnp.asarray(q, jnp.float32) for q in bases), b2=b2, shampoo_beta=sb, eps=eps)
+
+    def rotate(x, q_dim):
+        for k, q in enumerate(bases):
+            if q is not None:
+                x = _mode_product(x, q, k, q_dim)
+        return x
+    want_nu = b2 * nu + (1 - b2) * rotate(g, 0) ** 2
+    want = rotate(rotate(mu, 0) / (np.sqrt(want_nu) + eps), 1)
+    np.testing.assert_allclose(nu_new, want_nu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(direction, want, rtol=1e-4, atol=1e-4)
+    for k, (st, new) in enumerate(zip(stats, stats_new)):
+        if st is None:
+            assert new is None
+            continue
+        unfold = _unfold(g, k)
+        np.testing.assert_allclose(new, sb * st + (1 - sb) * unfold @ unfold.T, rtol=1e-4, atol=1e-4)
 
 
-def test_initial_bases_sorted_descending():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(6, 9))
-    (q,) = S.initial_bases((jnp.asarray(x @ x.T),))
-    q = np.asarray(q)
-    np.testing.assert_allclose(q.T @ q, np.eye(6), atol=1e-5)
-    d = q.T @ (x @ x.T) @ q
-    np.testing.assert_allclose(d, np.diag(np.diag(d)), atol=1e-3)
-    np.testing.assert_allclose(np.diag(d), np.sort(np.linalg.eigvalsh(x @ x.T))[::-1], rtol=1e-4)
+def test_split_axes_take_the_largest_dividing_set():
+    mesh = jax.make_mesh((2, 4, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    assert split_axes(64, mesh) == ("data", "fsdp")
+    assert split_axes(20, mesh) == ("fsdp",)  # 8 does not divide 20; 4 does, and beats data's 2
+    assert split_axes(6, mesh) == ("data",)
+    assert split_axes(7, mesh) == ()
+    assert split_axes(64, None) == ()
+    # The dimension kept split: the one over the most devices, then the larger.
+    assert split_dim((12, 64), (True, True), mesh) == 1
+    assert split_dim((64, 12), (True, True), mesh) == 0
+    assert split_dim((20, 12), (True, True), mesh) == 0
+    assert split_dim((20, 64), (True, False), mesh) == 0
+    assert split_dim((5, 7), (True, True), None) == 1
+    assert split_dim((5, 7), (False, False), mesh) == -1
 
 
-def test_project_and_back():
-    rng = np.random.default_rng(2)
-    ql, qr = (np.linalg.qr(rng.normal(size=(n, n)))[0] for n in (5, 7))
-    x = rng.normal(size=(5, 7))
-    bases = (jnp.asarray(ql), jnp.asarray(qr))
-    np.testing.assert_allclose(S.project(jnp.asarray(x), bases), ql.T @ x @ qr, atol=1e-5)
-    np.testing.assert_allclose(S.project_back(jnp.asarray(x), bases), ql @ x @ qr.T, atol=1e-5)
-    np.testing.assert_allclose(S.project(jnp.asarray(x), (None, bases[1])), x @ qr, atol=1e-5)
-    t = rng.normal(size=(5, 3, 7))
-    tb = (bases[0], None, bases[1])
-    np.testing.assert_allclose(S.project_back(S.project(jnp.asarray(t), tb), tb), t, atol=1e-5)
-    np.testing.assert_allclose(S.project(jnp.asarray(t), tb), np.einsum("abc,ai,cj->ibj", t, ql, qr), atol=1e-5)
-
-
-def test_refresh_bases_matches_numpy():
+def test_update_bases_first_eigh_and_qr_refresh():
+    """Branch 1: eigenvectors by descending eigenvalue; branch 2: the reference's refresh (order by
+    diag(Q^T L Q), one QR step of L Q_sorted); branch 0 keeps the bases."""
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(6, 20))
-    stat = x @ x.T
-    q_old = np.linalg.qr(rng.normal(size=(6, 6)))[0]
-    nu = rng.uniform(size=(6, 4))
-    (q,), nu_new = S.refresh_bases((jnp.asarray(stat),), (jnp.asarray(q_old),), jnp.asarray(nu))
-    order = np.argsort(-np.diag(q_old.T @ stat @ q_old))
-    np.testing.assert_array_equal(np.asarray(nu_new), nu[order].astype(np.float32))
-    q_want = np.linalg.qr(stat @ q_old[:, order])[0]
-    np.testing.assert_allclose(np.abs(np.asarray(q).T @ q_want), np.eye(6), atol=1e-4)  # up to signs
+    xs = [rng.normal(size=(6, 20)), rng.normal(size=(6, 9)), rng.normal(size=(4, 9))]
+    stats = [(jnp.asarray(x @ x.T, jnp.float32),) for x in xs]
+    old = [(jnp.asarray(_orthogonal(rng, x.shape[0]), jnp.float32),) for x in xs]
+
+    first, orders = S.update_bases(jnp.asarray(1), stats, old)
+    for (q,), (order,), x in zip(first, orders, xs):
+        q = np.asarray(q)
+        np.testing.assert_allclose(q.T @ q, np.eye(len(q)), atol=1e-5)
+        d = q.T @ (x @ x.T) @ q
+        np.testing.assert_allclose(np.diag(d), np.sort(np.linalg.eigvalsh(x @ x.T))[::-1], rtol=1e-4)
+        np.testing.assert_allclose(d, np.diag(np.diag(d)), atol=1e-3)
+        np.testing.assert_array_equal(order, np.arange(len(q)))
+
+    refreshed, orders = S.update_bases(jnp.asarray(2), stats, old)
+    for (q,), (order,), (q_old,), x in zip(refreshed, orders, old, xs):
+        stat, q_old = x @ x.T, np.asarray(q_old, np.float64)
+        want_order = np.argsort(-np.diag(q_old.T @ stat @ q_old))
+        np.testing.assert_array_equal(order, want_order)
+        q_want = np.linalg.qr(stat @ q_old[:, want_order])[0]
+        np.testing.assert_allclose(np.abs(np.asarray(q).T @ q_want), np.eye(len(q_want)), atol=1e-4)  # signs
+
+    kept, _ = S.update_bases(jnp.asarray(0), stats, old)
+    for (q,), (q_old,) in zip(kept, old):
+        np.testing.assert_array_equal(q, q_old)
+
+
+def test_permute_follows_orders():
+    x = np.arange(24.0).reshape(2, 3, 4)
+    orders = (None, jnp.asarray([2, 0, 1]), jnp.asarray([3, 2, 1, 0]))
+    np.testing.assert_array_equal(S.permute(jnp.asarray(x), orders), x[:, [2, 0, 1]][:, :, ::-1])
 
 
 def test_first_two_calls_closed_form():

@@ -18,8 +18,10 @@ The reference keeps `exp_avg` in the rotated basis and, after every step, rotate
 the old basis and forward with the new one. Rotation is linear and the basis is orthogonal, so
 that is exactly `Q^T m Q` with m kept in the original space; we store m there, which needs no
 rotation at refreshes (the parity test runs the reference's rotated form against this one).
-The decompositions of all parameters run in one `lax.switch` (keep / first eigh / QR refresh)
-over stacks of same-sized statistics split across the devices (see `update_bases`).
+The per-step math (statistics, projections, Adam in the eigenbasis) is `soap_split.rotated_step`,
+split over the mesh with explicit collectives. The decompositions of all parameters run in one
+`lax.switch` (keep / first eigh / QR refresh) over stacks of same-sized statistics split across
+the devices (see `update_bases`).
 
 Tensors of any rank get one statistic per dimension (mode-k unfoldings); dimensions larger
 than `max_precond_dim` use the identity; 1-D (and 0-D) parameters are plain Adam unless
@@ -36,6 +38,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+
+from gqlm.optim.soap_split import rotated_step
 
 Dims = tuple[tuple[int, ...], ...]
 
@@ -116,48 +120,7 @@ def _to_layout(x: jax.Array, dims: Dims) -> jax.Array:
     return x.reshape(_group_sizes(x.shape, dims)) if dims else x
 
 
-# ----------------------------------------------------------------------------- pure steps
-
-
-def _mode_gram(x: jax.Array, k: int) -> jax.Array:
-    """Contraction of x with itself over every dimension except k: [d_k, d_k]."""
-    others = [i for i in range(x.ndim) if i != k]
-    return jnp.tensordot(x, x, axes=(others, others))
-
-
-def update_statistics(stats: tuple, g: jax.Array, shampoo_beta: float) -> tuple:
-    """L_k <- sb L_k + (1 - sb) G_(k) G_(k)^T for each preconditioned dimension k (from zero
-    statistics this is the reference's first statistics, a lerp from zero)."""
-    return tuple(None if s is None else shampoo_beta * s + (1 - shampoo_beta) * _mode_gram(g, k)
-                 for k, s in enumerate(stats))
-
-
-def initial_bases(stats: tuple) -> tuple:
-    """Eigenvectors of each statistic, columns sorted by descending eigenvalue."""
-    return tuple(None if st is None else _eigenbasis(st) for st in stats)
-
-
-def project(x: jax.Array, bases: tuple) -> jax.Array:
-    """x x_k Q_k^T for every mode k (for a matrix: Q_L^T X Q_R)."""
-    for k, q in enumerate(bases):
-        if q is not None:
-            x = jnp.moveaxis(jnp.tensordot(x, q, axes=([k], [0])), -1, k)
-    return x
-
-
-def project_back(x: jax.Array, bases: tuple) -> jax.Array:
-    """x x_k Q_k for every mode k (for a matrix: Q_L X Q_R^T); inverse of `project`."""
-    for k, q in enumerate(bases):
-        if q is not None:
-            x = jnp.moveaxis(jnp.tensordot(x, q, axes=([k], [1])), -1, k)
-    return x
-
-
-def refresh_bases(stats: tuple, bases: tuple, nu: jax.Array) -> tuple[tuple, jax.Array]:
-    """One power-iteration + QR step per basis; nu (layout-shaped) permuted to the new order."""
-    refreshed = [None if st is None else _qr_refresh(st, q) for st, q in zip(stats, bases)]
-    new_bases = tuple(None if r is None else r[0] for r in refreshed)
-    return new_bases, permute(nu, tuple(None if r is None else r[1] for r in refreshed))
+# ----------------------------------------------------------------------------- decompositions
 
 
 def permute(x: jax.Array, orders: tuple) -> jax.Array:
@@ -282,15 +245,20 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
         the first call give exactly the reference's initial lerp from zero)."""
         g = g.astype(dtype)
         mu = b1 * mu + (1 - b1) * g
-        g_l = _to_layout(g, pc.dims)
-        nu_l = b2 * _to_layout(nu, pc.dims) + (1 - b2) * jnp.square(project(g_l, pc.bases))
-        adam = project(_to_layout(mu, pc.dims), pc.bases) / (jnp.sqrt(nu_l) + eps)
-        direction = project_back(adam, pc.bases).reshape(g.shape)
+        stats = pc.stats
+        if any(st is not None for st in stats):
+            direction, nu, stats = rotated_step(
+                _to_layout(g, pc.dims), _to_layout(mu, pc.dims), _to_layout(nu, pc.dims), stats, pc.bases,
+                b2=b2, shampoo_beta=sb, eps=eps)
+            direction, nu = direction.reshape(g.shape), nu.reshape(g.shape)
+        else:  # plain Adam
+            nu = b2 * nu + (1 - b2) * jnp.square(g)
+            direction = mu / (jnp.sqrt(nu) + eps)
         if normalize_grads:
             direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
         tf = t.astype(dtype)
         direction = direction * (jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf))
-        return direction, mu, nu_l.reshape(g.shape), update_statistics(pc.stats, g_l, sb)
+        return direction, mu, nu, stats
 
     def update(updates, state, params=None):
         del params

@@ -4,8 +4,10 @@ Every optax state leaf that belongs to a parameter sits under that parameter's d
 multi_transform and chains too), so the owner is the longest param path that is a suffix of the
 leaf's dict keys. Then: a leaf shaped like its parameter takes the parameter's spec; one with
 size-1 dims (Adalayer) or one dim dropped (Adafactor's factored moments) keeps the specs of the
-dims it kept; SOAP statistics and eigenbases of (merged) dim k are sharded, along their rows,
-over the mesh axes of the parameter dims merged into k. Everything else (counts) is replicated.
+dims it kept; SOAP statistics (rows) and eigenbases (columns) are split over every mesh axis that
+divides them, whatever the parameter's sharding, and the second moment (kept in the eigenbasis)
+is split along the dimension the step keeps split: the layouts SOAP's per-step math works in
+(`soap_split`); a data-parallel mesh shares them too. Everything else (counts) is replicated.
 Mesh axes that do not divide a dimension are dropped (`mesh.fit_spec`).
 """
 
@@ -19,15 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqlm.mesh import fit_spec
 from gqlm.optim.adalayer import path_str
-from gqlm.optim.soap import Preconditioner
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry or ())
-
-
-def _entry(axes: tuple[str, ...]):
-    return axes[0] if len(axes) == 1 else (axes or None)
+from gqlm.optim.soap import Preconditioner, ScaleBySoapState
+from gqlm.optim.soap_split import basis_spec, rotated_spec, statistic_spec
 
 
 def _derived_spec(shape: tuple[int, ...], param_shape: tuple[int, ...], spec: tuple) -> P | None:
@@ -63,29 +58,35 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
     def named(spec: P, shape) -> NamedSharding:
         return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
-    def precond_shardings(pc: Preconditioner, param_spec: tuple) -> Preconditioner:
-        every_axis = sum((_axes(e) for e in param_spec), ())
-
-        def one(k, x):
-            if x is None:
-                return None
-            # A dimension the parameter does not shard still gets its rows split, over the
-            # parameter's other axes: an fsdp-sharded matrix never has a replicated statistic.
-            axes = sum((_axes(param_spec[i]) for i in pc.dims[k]), ()) or every_axis
-            return named(P(_entry(axes), None), x.shape)
-        return Preconditioner(stats=tuple(one(k, x) for k, x in enumerate(pc.stats)),
-                              bases=tuple(one(k, x) for k, x in enumerate(pc.bases)), dims=pc.dims)
+    def precond_shardings(pc: Preconditioner) -> Preconditioner:
+        def one(x, spec_of):
+            return None if x is None else NamedSharding(mesh, spec_of(x.shape[0], mesh))
+        return Preconditioner(stats=tuple(one(x, statistic_spec) for x in pc.stats),
+                              bases=tuple(one(x, basis_spec) for x in pc.bases), dims=pc.dims)
 
     def leaf_sharding(path, leaf):
         found = owner(path)
         if isinstance(leaf, Preconditioner):
-            if found is None:
-                return jax.tree.map(lambda x: named(P(), x.shape), leaf)
-            return precond_shardings(leaf, found[1])
+            return precond_shardings(leaf)
         if found is None or not leaf.shape:
             return named(P(), leaf.shape)
         spec = _derived_spec(tuple(leaf.shape), *found)
         return named(spec if spec is not None else P(), leaf.shape)
 
-    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state,
-                                            is_leaf=lambda x: isinstance(x, Preconditioner))
+    def is_node(x):
+        return isinstance(x, (Preconditioner, ScaleBySoapState))
+
+    def node_sharding(path, node):
+        if not isinstance(node, ScaleBySoapState):
+            return leaf_sharding(path, node)
+        fields = {f: jax.tree_util.tree_map_with_path(
+            lambda p, x, f=f: leaf_sharding(path + (jax.tree_util.GetAttrKey(f),) + p, x),
+            getattr(node, f), is_leaf=is_node) for f in node._fields}
+
+        def nu_sharding(nu, pc, default):  # nu lives in the eigenbasis, split like the step keeps it
+            spec = rotated_spec(nu.shape, pc.dims, [st is not None for st in pc.stats], mesh)
+            return default if spec is None else NamedSharding(mesh, spec)
+        fields["nu"] = jax.tree.map(nu_sharding, node.nu, node.precond, fields["nu"])
+        return ScaleBySoapState(**fields)
+
+    return jax.tree_util.tree_map_with_path(node_sharding, abstract_state, is_leaf=is_node)
