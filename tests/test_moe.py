@@ -200,9 +200,9 @@ def test_block_layout_places_each_expert_in_its_own_blocks():
 @pytest.mark.parametrize("expected_rows,block", [(None, None), (8, 8), (4, 2)])
 @pytest.mark.parametrize("routing", ["spread", "one_expert"])
 def test_blocked_output_and_grads_match_row_loop(routing, expected_rows, block):
-    """Blocks of 8 rows: every layout fits the first chunk. Blocks of 2 rows with expected_rows=4:
-    the first chunk holds 7 blocks and both routings need 9 (17 rows of one expert; 4+4+4+5), so
-    the second chunk runs under lax.cond. All give the row loop's outputs and gradients."""
+    """Default blocks (8 rows: 4 or 3 used blocks), blocks of 8 rows, and of 2 rows (9 used
+    blocks of the 14 the static layout holds): the block loop gives the row loop's outputs and
+    gradients, whatever the routing (one expert's 17 copies span many blocks)."""
     w = random_weights(0)
     m = 20
     if routing == "spread":
@@ -226,15 +226,30 @@ def test_blocked_output_and_grads_match_row_loop(routing, expected_rows, block):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_gather_experts_gradient_sums_each_experts_blocks():
-    w = jax.random.normal(jax.random.key(0), (E, 3, 2))
-    expert = jnp.array([0, 0, 2, 3, 3, 3], jnp.int32)
-    g = jax.random.normal(jax.random.key(1), (6, 3, 2))
-    got = jax.grad(lambda w: jnp.sum(md.gather_experts(w, expert) * g))(w)
-    want = np.zeros((E, 3, 2), np.float32)
-    for q, e in enumerate(np.asarray(expert)):
-        want[e] += np.asarray(g[q])
-    assert_close(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("save", [True, False])
+def test_swiglu_blocks_runs_only_the_used_blocks(save):
+    """Blocks of 3 rows with experts [1, 0, 3, 2]; only the first 3 blocks are used: their rows get
+    their block's expert, the rest 0, and gradients (hand-written backward loop, with saved or
+    recomputed pre-activations) match autodiff of the same computation written row by row."""
+    w = random_weights(0)
+    x = jax.random.normal(jax.random.key(1), (12, D))
+    expert_q = jnp.array([1, 0, 3, 2], jnp.int32)
+    owner = [1, 1, 1, 0, 0, 0, 3, 3, 3, None, None, None]
+
+    def loss_blocks(x, w):
+        return jnp.sum(jnp.sin(md.swiglu_blocks(x, expert_q, jnp.int32(3), w, 3, save)))
+
+    def loss_rows(x, w):
+        rows = [swiglu(x[m], *(a[e] for a in w)) if e is not None else jnp.zeros(D) for m, e in enumerate(owner)]
+        return jnp.sum(jnp.sin(jnp.stack(rows)))
+
+    y = md.swiglu_blocks(x, expert_q, jnp.int32(3), w, 3)
+    assert np.all(np.asarray(y[9:]) == 0) and float(jnp.max(jnp.abs(y[:9]))) > 0
+    got = jax.jit(jax.value_and_grad(loss_blocks, argnums=(0, 1)))(x, w)
+    want = jax.value_and_grad(loss_rows, argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got[1][1].gate_EDF[2]) == 0)  # expert 2's block is unused: no gradient
 
 
 @pytest.mark.parametrize("backend", ["dense", "ragged"])

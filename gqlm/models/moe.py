@@ -14,8 +14,9 @@ expert with `all_to_all` and come back the same way.
 Memory: dropless expert parallelism sends worst-case buffers (every local copy could go to one
 device): G x (B_local T K) x D per device each way, and the receiving device runs its experts
 over up to G x B_local T K rows: the `ragged` backend skips the empty ones, the `dense` one
-(expert blocks) computes ~1.25 x B_local T K rows plus a block per expert, and more (doubling
-chunks under `lax.cond`) only when its experts receive more than that.
+(expert blocks in a loop) computes only the blocks its rows fill (the real rows plus under one
+block per local expert) and recomputes the SwiGLU pre-activations in the backward pass instead of
+keeping [G x B_local T K, F] buffers.
 Capacity dispatch needs only E x C x B_local rows.
 """
 

@@ -1,14 +1,14 @@
 """MoE dispatch: moving token copies to experts, the per-expert SwiGLU, and combining back.
 
 B batch, T length, D model dim, F expert mlp dim, E experts, K experts per token, M token copies
-(rows), C capacity per expert (per sequence), G devices on the `expert`
-mesh axis, L experts per device (E / G), R rows (per expert in a capacity buffer, or of a chunk of
-blocks), N = E C slots, Q blocks of P rows (one expert's copies each), X Y any weight dims.
+(rows), S rows of the blocked layout, C capacity per expert (per sequence), G devices on the `expert`
+mesh axis, L experts per device (E / G), R rows per expert in a capacity buffer, N = E C slots,
+Q blocks of P rows (one expert's copies each).
 
 A copy is one (token, slot k) pair. Dropless dispatch groups copies by expert: sorted, for
 `ragged_dot` grouped GEMMs (GPU/TPU), or (CPU, where ragged_dot runs at ~1/8 of matmul speed)
-into blocks of P rows, one expert's each, computed as batched einsums with each block's expert
-weights, so the cost follows the real rows whatever the balance;
+into blocks of P rows, one expert's each, run by a loop over the used blocks only (S rows of room
+for the worst case), so the cost follows the real rows whatever the balance;
 capacity dispatch writes copies into fixed [E, C] buffers and drops the overflow. Expert
 id E (one past the last) marks a copy that no expert processes (padding or dropped): its output
 is 0. Every function here works on one device's arrays; `moe.py` wires them into `shard_map`.
@@ -16,6 +16,7 @@ is 0. Every function here works on one device's arrays; `moe.py` wires them into
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -46,12 +47,6 @@ def swiglu_batched(x_ERD: jax.Array, w: ExpertWeights) -> jax.Array:
     return jnp.einsum("erf,efd->erd", jax.nn.silu(gate_ERF) * up_ERF, w.out_EFD)
 
 
-# Dense backend: expert blocks of ~1/4 of the balanced load per expert; the first chunk of blocks
-# holds 1.25x the expected rows (under expert parallelism most received rows are empty).
-BLOCKS_PER_EXPERT = 4
-FIRST_CHUNK_SLACK = 1.25
-
-
 @jax.custom_vjp
 def permute_rows(x_MD: jax.Array, src_N: jax.Array, dst_M: jax.Array) -> jax.Array:
     """y[n] = x[src[n]] (0 where src[n] is out of range), for a partial bijection: dst[src[n]] = n.
@@ -73,27 +68,6 @@ def _permute_bwd(res, dy_ND):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-@jax.custom_vjp
-def gather_experts(w_EXY: jax.Array, expert_Q: jax.Array) -> jax.Array:
-    """w[expert[q]] for each block q. The gradient sums the blocks of each expert with a one-hot
-    einsum (Q x E x X x Y multiply-adds, a few % of the block matmuls) instead of XLA:CPU's
-    scatter-add, which runs element by element and costs more than the matmuls."""
-    return w_EXY[expert_Q]
-
-
-def _gather_fwd(w_EXY, expert_Q):
-    return w_EXY[expert_Q], (expert_Q, w_EXY.shape[0])
-
-
-def _gather_bwd(res, dw_QXY):
-    expert_Q, num_experts = res
-    onehot_QE = jax.nn.one_hot(expert_Q, num_experts, dtype=dw_QXY.dtype)
-    return jnp.einsum("qe,qxy->exy", onehot_QE, dw_QXY), None
-
-
-gather_experts.defvjp(_gather_fwd, _gather_bwd)
-
-
 def expert_ranks(expert_M: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """(rank_M, counts_E): each copy's position among its expert's copies (row order), and the
     copies per expert. Copies with expert id E count nowhere."""
@@ -102,11 +76,14 @@ def expert_ranks(expert_M: jax.Array, num_experts: int) -> tuple[jax.Array, jax.
     return rank_M, jnp.sum(onehot_ME, axis=0)
 
 
+BLOCKS_PER_EXPERT = 4  # dense backend: blocks of ~1/4 of the balanced load per expert
+
+
 def block_rows(expected_rows: int, num_experts: int) -> int:
     """Rows per block: a quarter of the balanced load per expert, a multiple of 8 in [8, 256].
 
     Each expert wastes under one block of padding, so ~E x block / 2 = 12.5% of the rows on
-    average; smaller blocks make smaller (slower) matmuls and more weight copies."""
+    average; smaller blocks make smaller (slower) matmuls and more loop steps."""
     rows = -(-expected_rows // (BLOCKS_PER_EXPERT * num_experts))
     return min(256, max(8, -(-rows // 8) * 8))
 
@@ -127,60 +104,110 @@ def block_layout(expert_M: jax.Array, num_experts: int, block: int) -> BlockLayo
     return BlockLayout(position_M.astype(jnp.int32), block_end_E.astype(jnp.int32), block)
 
 
-def swiglu_blocks(x_MD: jax.Array, layout: BlockLayout, w: ExpertWeights, first: int,
-                  num_blocks: int) -> jax.Array:
-    """SwiGLU of the copies in blocks [first, first + num_blocks) of `layout` (0 for the others):
-    each block is one expert's rows, so gathering its expert's weights makes the whole chunk one
-    batched einsum per weight."""
-    num_rows, dim = x_MD.shape
-    num_experts, b = w.gate_EDF.shape[0], layout.block
-    rows = num_blocks * b
-    local_M = layout.position_M - first * b
-    dst_M = jnp.where((layout.position_M >= 0) & (local_M >= 0) & (local_M < rows), local_M, rows)
-    src_R = jnp.full((rows,), num_rows, jnp.int32).at[dst_M].set(
-        jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-    block_ids_Q = jnp.arange(first, first + num_blocks, dtype=jnp.int32)
-    # Blocks past the last expert's hold no rows (their zeros give 0 and no gradient): any expert.
-    expert_Q = jnp.minimum(jnp.sum(block_ids_Q[:, None] >= layout.block_end_E[None, :], axis=1),
-                           num_experts - 1)
-    x_QPD = permute_rows(x_MD, src_R, dst_M).reshape(num_blocks, b, dim)
-    gate_QDF, up_QDF, out_QFD = (gather_experts(a, expert_Q) for a in w)
-    h_QPF = jax.nn.silu(jnp.einsum("qpd,qdf->qpf", x_QPD, gate_QDF)) * jnp.einsum(
-        "qpd,qdf->qpf", x_QPD, up_QDF)
-    y_QPD = jnp.einsum("qpf,qfd->qpd", h_QPF, out_QFD)
-    return permute_rows(y_QPD.reshape(rows, dim), dst_M, src_R)
+def _block_experts(block_end_E: jax.Array, num_blocks: int) -> jax.Array:
+    """Expert of each of `num_blocks` blocks; blocks past the last expert's (unused) get E - 1."""
+    ids_Q = jnp.arange(num_blocks, dtype=jnp.int32)
+    return jnp.minimum(jnp.sum(ids_Q[:, None] >= block_end_E[None, :], axis=1),
+                       block_end_E.shape[0] - 1).astype(jnp.int32)
+
+
+def _blocks_forward(x_SD, expert_Q, used, w, block, save):
+    """Loop over the `used` blocks: block q's rows times its expert's weights (a dynamic index,
+    no weight copy per block); with `save`, also the pre-activations for the backward pass."""
+    num_rows, dim = x_SD.shape
+    hidden = w.gate_EDF.shape[-1]
+    zeros_SF = jnp.zeros((num_rows, hidden) if save else (0, hidden), x_SD.dtype)
+
+    def body(q, carry):
+        y_SD, gate_SF, up_SF = carry
+        e, row = expert_Q[q], q * block
+        x_PD = jax.lax.dynamic_slice_in_dim(x_SD, row, block)
+        gate_PF = x_PD @ w.gate_EDF[e]
+        up_PF = x_PD @ w.up_EDF[e]
+        y_SD = jax.lax.dynamic_update_slice_in_dim(y_SD, (jax.nn.silu(gate_PF) * up_PF) @ w.out_EFD[e], row, 0)
+        if save:
+            gate_SF = jax.lax.dynamic_update_slice_in_dim(gate_SF, gate_PF, row, 0)
+            up_SF = jax.lax.dynamic_update_slice_in_dim(up_SF, up_PF, row, 0)
+        return y_SD, gate_SF, up_SF
+
+    return jax.lax.fori_loop(0, used, body, (jnp.zeros_like(x_SD), zeros_SF, zeros_SF))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def swiglu_blocks(x_SD: jax.Array, expert_Q: jax.Array, used: jax.Array, w: ExpertWeights,
+                  block: int, save: bool = True) -> jax.Array:
+    """SwiGLU of expert expert_Q[q] on rows [q block, (q + 1) block) for the first `used` blocks;
+    0 for the rows after them. A `fori_loop` with a traced trip count: the cost follows the used
+    blocks, however many the static shapes allow. Hand-written backward (a second loop), since
+    reverse-mode AD cannot go through a loop of unknown length; it accumulates the weight
+    gradients per block in float32. `save`: keep the [S, F] pre-activations for the backward
+    pass; otherwise recompute them per block (for layouts mostly empty, like expert parallelism's
+    worst-case buffers, where two [S, F] buffers would cost more than the matmuls they save)."""
+    return _blocks_forward(x_SD, expert_Q, used, w, block, save=False)[0]
+
+
+def _blocks_fwd(x_SD, expert_Q, used, w, block, save):
+    y_SD, gate_SF, up_SF = _blocks_forward(x_SD, expert_Q, used, w, block, save=save)
+    return y_SD, (x_SD, expert_Q, used, w, gate_SF, up_SF)
+
+
+def _blocks_bwd(block, save, res, dy_SD):
+    x_SD, expert_Q, used, w, gate_SF, up_SF = res
+    f32 = jnp.float32
+
+    def body(q, carry):
+        dx_SD, dw = carry
+        e, row = expert_Q[q], q * block
+        x_PD, dy_PD = (jax.lax.dynamic_slice_in_dim(a, row, block) for a in (x_SD, dy_SD))
+        if save:
+            gate_PF, up_PF = (jax.lax.dynamic_slice_in_dim(a, row, block) for a in (gate_SF, up_SF))
+        else:
+            gate_PF, up_PF = x_PD @ w.gate_EDF[e], x_PD @ w.up_EDF[e]
+        sig_PF = jax.nn.sigmoid(gate_PF)
+        silu_PF = gate_PF * sig_PF
+        dh_PF = dy_PD @ w.out_EFD[e].T
+        dup_PF = dh_PF * silu_PF
+        dgate_PF = dh_PF * up_PF * (sig_PF + silu_PF * (1 - sig_PF))
+        dx_PD = dgate_PF @ w.gate_EDF[e].T + dup_PF @ w.up_EDF[e].T
+        dx_SD = jax.lax.dynamic_update_slice_in_dim(dx_SD, dx_PD, row, 0)
+        dw = ExpertWeights(dw.gate_EDF.at[e].add((x_PD.T @ dgate_PF).astype(f32)),
+                           dw.up_EDF.at[e].add((x_PD.T @ dup_PF).astype(f32)),
+                           dw.out_EFD.at[e].add(((silu_PF * up_PF).T @ dy_PD).astype(f32)))
+        return dx_SD, dw
+
+    dw0 = ExpertWeights(*(jnp.zeros(a.shape, f32) for a in w))
+    dx_SD, dw = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(x_SD), dw0))
+    return dx_SD, None, None, ExpertWeights(*(g.astype(a.dtype) for g, a in zip(dw, w)))
+
+
+swiglu_blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def swiglu_blocked(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights,
                    expected_rows: int | None = None, block: int | None = None) -> jax.Array:
-    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E), exact, no sort: the CPU backend.
+    """Expert expert_M[m] applied to row m (0 where expert_M[m] == E), exact: the CPU backend.
 
-    Copies are laid out by expert in blocks of `block` rows (padding each expert to whole blocks),
-    and a chunk of blocks runs as batched einsums with each block's expert weights: the cost
-    follows the number of real rows whatever the balance (a collapsed router costs what a
-    balanced one does), plus under one block of padding per expert. `expected_rows`: how many of
-    the M rows are real on average (fewer under expert parallelism's worst-case buffers): the
-    first chunk holds 1.25x that many; the rest of the worst case (every row real) runs in
-    doubling chunks, each under a `lax.cond` that skips it unless the layout reaches it.
+    Copies are laid out by expert in blocks of `block` rows (each expert padded to whole blocks)
+    and a loop runs the used blocks, one expert's weights each: the cost follows the real rows
+    whatever the balance (a collapsed router costs what a balanced one does), plus under one block
+    of padding per expert. The buffers have room for every row being real (dropless), but only
+    used blocks are computed. `expected_rows`: how many of the M rows are real on average (fewer
+    under expert parallelism's worst-case buffers); it sets the block size (`block_rows`).
     """
-    num_rows = x_MD.shape[0]
+    num_rows, dim = x_MD.shape
     num_experts = w.gate_EDF.shape[0]
-    expected = min(num_rows, expected_rows or num_rows)
-    block = block or block_rows(expected, num_experts)
+    block = block or block_rows(min(num_rows, expected_rows or num_rows), num_experts)
     layout = block_layout(expert_M, num_experts, block)
     max_blocks = -(-num_rows // block) + num_experts  # every row real, every expert's last block partial
-    size = min(max_blocks, -(-math.ceil(FIRST_CHUNK_SLACK * expected) // block) + num_experts)
-    y_MD = swiglu_blocks(x_MD, layout, w, 0, size)
-    used_blocks = layout.block_end_E[-1]
-    first = size
-    while first < max_blocks:
-        size = min(2 * size, max_blocks - first)
-        # Rematerialised: differentiating a cond saves every branch's residuals; this keeps them
-        # to the inputs when the chunk does not run.
-        chunk = jax.checkpoint(lambda x, w, first=first, size=size: swiglu_blocks(x, layout, w, first, size))
-        y_MD = y_MD + jax.lax.cond(used_blocks > first, chunk, lambda x, w: jnp.zeros_like(x), x_MD, w)
-        first += size
-    return y_MD
+    size = max_blocks * block
+    dst_M = jnp.where(layout.position_M >= 0, layout.position_M, size)
+    src_S = jnp.full((size,), num_rows, jnp.int32).at[dst_M].set(
+        jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+    # Save the pre-activations unless most of the layout is room for a worst case that is not expected.
+    save = size <= 2 * (expected_rows or num_rows)
+    y_SD = swiglu_blocks(permute_rows(x_MD, src_S, dst_M), _block_experts(layout.block_end_E, max_blocks),
+                         layout.block_end_E[-1], w, block, save)
+    return permute_rows(y_SD, dst_M, src_S)
 
 
 def grouped_swiglu(x_MD: jax.Array, expert_M: jax.Array, w: ExpertWeights, backend: str,
