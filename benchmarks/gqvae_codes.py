@@ -1,7 +1,7 @@
-"""Does the GQ-VAE codebook fill up enough for an 8k vocabulary? Trains
-`experiments/gqvae_shakespeare.py:v8k` with the runner up to --steps (resuming --workdir), then
-builds 1k, 4k and 8k tokenizers from the checkpoint on the train split; a size is buildable when
-the used codes give enough distinct multi-byte strings (8192 needs 7933; the error says how many).
+"""Can a GQ-VAE supply an 8k vocabulary? Trains `experiments/gqvae_shakespeare.py:v8k` (or
+--variant) with the runner up to --steps (resuming --workdir), then builds 1k, 4k and 8k tokenizers
+from the checkpoint on the train split; a size is buildable when the model's segmentation of the
+train split has enough distinct multi-byte segments (8192 needs 7933; the error says how many).
 
     python benchmarks/gqvae_codes.py --steps 300 --workdir workdirs/gqvae_8k
 
@@ -52,20 +52,22 @@ def main(argv) -> None:
     texts = load_documents(config.data, "train")[:]
     start = time.perf_counter()
     sizes = [1024, 4096, 8192]
-    built = GQVAETokenizer.build_many(FLAGS.workdir, sizes, texts, strict=False)
+    stats: dict = {}
+    built = GQVAETokenizer.build_many(FLAGS.workdir, sizes, texts, strict=False, stats=stats)
     build_s = time.perf_counter() - start
     buildable = {v: not isinstance(t, Exception) for v, t in built.items()}
     for v, t in built.items():
         print(f"vocab_size={v}: " + ("built" if buildable[v] else f"not buildable: {t}"))
-    print(f"({build_s:.0f} s to segment the train split)")
+    print(f"({build_s:.0f} s to segment the train split) {stats}")
     write_results(FLAGS.out, {
         "variant": FLAGS.variant, "steps": rows[-1]["step"] if rows else 0,
         "codebook_size": config.gqvae.codebook_size, "this_run_train_s": train_s,
-        "buildable": {str(v): ok for v, ok in buildable.items()},
+        "buildable": {str(v): ok for v, ok in buildable.items()}, "train_split_segmentation": stats,
         "not_buildable_because": {str(v): str(t) for v, t in built.items() if not buildable[v]},
         "curve": [{k: r.get(k) for k in ("step", "codes_in_use", "codebook_usage", "byte_accuracy",
                                          "mean_token_len", "loss", "step_time_s")} for r in rows],
-        "command": f"python benchmarks/gqvae_codes.py --steps {FLAGS.steps} --workdir {FLAGS.workdir}"})
+        "command": f"python benchmarks/gqvae_codes.py --steps {FLAGS.steps} --workdir {FLAGS.workdir} "
+                   f"--variant {FLAGS.variant}"})
 
 
 if __name__ == "__main__":

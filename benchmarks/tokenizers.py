@@ -1,8 +1,13 @@
 """Byte vs BPE vs VQ-VAE vs GQ-VAE tokenizers on held-out Shakespeare: compression, speed, LM bpb.
 
-    python -m gqlm.tokenizers.gqvae.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
-    python -m gqlm.tokenizers.gqvae.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
-    PYTHONPATH=. python benchmarks/tokenizers.py [--vocab_sizes 1024,4096] [--lm=false]
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k --stop_at_step 800
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
+    PYTHONPATH=. python benchmarks/tokenizers.py [--vocab_sizes 1024,4096,8192] [--lm=false] \
+      [--checkpoints vqvae=workdirs/vqvae,gqvae400=workdirs/gqvae,gqvae16k=workdirs/gqvae_8k]
+
+Every `--checkpoints` entry NAME=WORKDIR is a row kind (a GQ-VAE, or a VQ-VAE: fixed gates), built
+at every vocabulary size; byte and BPE rows come with them.
 
 For each tokenizer and vocabulary size: bytes per token on the validation split; encode MB/s on
 the whole split, cold (a freshly loaded tokenizer, jit compile excluded: for VQ/GQ-VAE the
@@ -14,7 +19,10 @@ on it with the same number of training bytes (experiments/gqvae_lm_compare.py, r
 Tokenizers are built once into --tok_dir (BPE trained on the train split; VQ/GQ-VAE vocabularies
 and pretoken tables built from the checkpoints on the train split) and reused; a VQ/GQ-VAE
 directory saved before tables existed gets its table added (its encodings do not change). A vocabulary the checkpoint cannot fill
-is reported as an error row. Writes --out (JSON) and the PNG beside it; prints a markdown table.
+is reported as an error row. Encode speed is given per wall second and per CPU-second of this
+process (time.process_time, XLA's threads included), as the 2 cores are shared. --reuse_measurements
+merges earlier runs' rows (e.g. one run per checkpoint) before the LM runs (finished ones are
+reused from --lm_dir). Writes --out (JSON) and the PNG beside it; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -39,14 +47,15 @@ from gqlm.config import ConfigError, base_config  # noqa: E402
 from gqlm.data import corpora  # noqa: E402
 from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
 
-flags.DEFINE_string("gqvae_checkpoint", "workdirs/gqvae", "trained GQ-VAE workdir")
-flags.DEFINE_string("vqvae_checkpoint", "workdirs/vqvae", "trained VQ-VAE (fixed gates) workdir")
-flags.DEFINE_list("vocab_sizes", ["1024", "4096"], "vocabulary sizes to compare")
+flags.DEFINE_list("checkpoints", ["vqvae=workdirs/vqvae", "gqvae400=workdirs/gqvae", "gqvae16k=workdirs/gqvae_8k"],
+                  "NAME=WORKDIR of trained GQ-VAE / VQ-VAE (fixed-gate) models; NAME labels their rows")
+flags.DEFINE_list("vocab_sizes", ["1024", "4096", "8192"], "vocabulary sizes to compare")
 flags.DEFINE_string("tok_dir", "workdirs/tok", "where built tokenizers are kept")
 flags.DEFINE_string("lm_dir", "workdirs/lm", "LM workdirs of the bpb comparison")
 flags.DEFINE_bool("lm", True, "also train the comparison LM on each tokenizer")
 flags.DEFINE_integer("parallel", 2, "LM runs at a time")
-flags.DEFINE_string("reuse_measurements", "", "a previous --out JSON: take its tokenizer rows, skip building/measuring")
+flags.DEFINE_list("reuse_measurements", [], "previous --out JSONs: take their tokenizer rows (the first of each "
+                  "kind and size) instead of building/measuring those again")
 flags.DEFINE_string("out", "benchmarks/results/tokenizers.json", "JSON output (PNG beside it)")
 FLAGS = flags.FLAGS
 
@@ -73,7 +82,7 @@ def build(kind: str, vocab: int, train: list[str]) -> str:
     else:  # All sizes of a checkpoint from one segmentation of the train split (minutes on 2 cores).
         from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
         if (kind, vocab) not in _BUILT:
-            ckpt = FLAGS.gqvae_checkpoint if kind == "gqvae" else FLAGS.vqvae_checkpoint
+            ckpt = checkpoints()[kind]
             sizes = [int(v) for v in FLAGS.vocab_sizes]
             built = GQVAETokenizer.build_many(ckpt, sizes, train, strict=False)
             _BUILT.update({(kind, v): t for v, t in built.items()})
@@ -85,6 +94,17 @@ def build(kind: str, vocab: int, train: list[str]) -> str:
 
 
 _BUILT: dict[tuple[str, int], Any] = {}  # (kind, vocab) -> tokenizer or the error building it
+
+
+def checkpoints() -> dict[str, str]:
+    """NAME -> WORKDIR of --checkpoints."""
+    out = {}
+    for entry in FLAGS.checkpoints:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path or name in ("byte", "bpe"):
+            raise app.UsageError(f"--checkpoints entry {entry!r} is not NAME=WORKDIR (NAME not byte/bpe)")
+        out[name] = path
+    return out
 
 
 def fresh(spec: str, **kwargs: Any) -> tuple[Any, float]:
@@ -164,17 +184,17 @@ def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| tokenizer | vocab | bytes/token | encode MB/s (cold / cached / no table) | LM val bpb | LM seq_len (tokens) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| tokenizer | vocab | bytes/token | encode MB/s (cold / cached / no table) | cold MB per CPU-s "
+             "| LM val bpb | LM seq_len (tokens) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kind']} | {r['requested_vocab']} | - | - | - | {r['error']} |")
+            lines.append(f"| {r['kind']} | {r['requested_vocab']} | - | - | - | - | {r['error']} |")
             continue
         bpb = f"{r['val_bpb']:.3f}" if "val_bpb" in r else r.get("lm_error", "-")
         warm = f" / {r['encode_mb_s_warm']:.2f}" if "encode_mb_s_warm" in r else ""
         warm += f" / {r['encode_mb_s_no_table']:.2f}" if "encode_mb_s_no_table" in r else ""
         lines.append(f"| {r['kind']} | {r['vocab_size']} | {r['bytes_per_token']:.3f} | {r['encode_mb_s']:.2f}{warm} | "
-                     f"{bpb} | {r.get('lm_seq_len', '-')} |")
+                     f"{r.get('encode_mb_cpu_s', float('nan')):.2f} | {bpb} | {r.get('lm_seq_len', '-')} |")
     return "\n".join(lines)
 
 
@@ -183,7 +203,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("byte", "s"), ("bpe", "o"), ("vqvae", "^"), ("gqvae", "D")):
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    for kind, marker in zip(kinds, "so^Dvx*+"):
         ok = [r for r in rows if r["kind"] == kind and "error" not in r]
         if not ok:
             continue
@@ -213,15 +234,21 @@ def main(argv: list[str]) -> None:
     compare = importlib.util.module_from_spec(exp)
     exp.loader.exec_module(compare)
     train_head = "".join(train)[:compare.MEASURE_BYTES]  # what the experiment measures bytes/token on
-    cases = [("byte", 256)] + [(k, int(v)) for v in FLAGS.vocab_sizes for k in ("bpe", "vqvae", "gqvae")]
+    cases = [("byte", 256)] + [(k, int(v)) for v in FLAGS.vocab_sizes for k in ("bpe", *checkpoints())]
+    load_start = os.getloadavg()[0]
     rows, specs = [], {}
-    if FLAGS.reuse_measurements:
-        with open(FLAGS.reuse_measurements) as f:
-            keep = ("kind", "requested_vocab", "spec", "vocab_size", "bytes_per_token", "encode_mb_s",
-                    "encode_mb_s_warm", "encode_mb_s_no_table", "encode_mb_cpu_s", "encode_mb_cpu_s_warm",
-                    "encode_mb_cpu_s_no_table", "compile_s", "train_bytes_per_token", "error")
-            rows = [{k: r[k] for k in keep if k in r} for r in json.load(f)["rows"]]
-        cases = []
+    keep = ("kind", "requested_vocab", "spec", "vocab_size", "bytes_per_token", "encode_mb_s",
+            "encode_mb_s_warm", "encode_mb_s_no_table", "encode_mb_cpu_s", "encode_mb_cpu_s_warm",
+            "encode_mb_cpu_s_no_table", "compile_s", "train_bytes_per_token", "error")
+    reused = {}  # path -> its timing note (machine load while it measured)
+    for path in FLAGS.reuse_measurements:
+        with open(path) as f:
+            earlier = json.load(f)
+        reused[path] = earlier["meta"].get("encode_timing", "")
+        for r in earlier["rows"]:
+            if not any((r["kind"], r["requested_vocab"]) == (q["kind"], q["requested_vocab"]) for q in rows):
+                rows.append({k: r[k] for k in keep if k in r})
+    cases = [c for c in cases if not any(c == (r["kind"], r["requested_vocab"]) for r in rows)]
     for kind, vocab in cases:
         row: dict[str, Any] = {"kind": kind, "requested_vocab": vocab}
         try:
@@ -234,6 +261,8 @@ def main(argv: list[str]) -> None:
             row["error"] = str(e)
             print(f"{kind} {vocab}: {e}", flush=True)
         rows.append(row)
+    order = ["byte", "bpe", *checkpoints()]
+    rows.sort(key=lambda r: (r["requested_vocab"], order.index(r["kind"]) if r["kind"] in order else len(order)))
     if FLAGS.lm:
         todo = [r for r in rows if "error" not in r]
         with ThreadPoolExecutor(FLAGS.parallel) as pool:
@@ -246,10 +275,12 @@ def main(argv: list[str]) -> None:
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     meta = {"corpus": "shakespeare", "validation_bytes": sum(len(t.encode("utf-8", "surrogateescape")) for t in valid),
             "encode_timing": "whole validation split in one encode_batch; cold = fresh load, jit compiled first; "
-                             f"machine load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+                             f"MB/s on the wall clock and per CPU-second of this process (time.process_time); "
+                             f"machine load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+                             f"the end, on {os.cpu_count()} cores",
             "lm_budget": f"same training bytes: {compare.STEPS} steps x {compare.BATCH} rows x ~{compare.BYTE_CONTEXT} "
                          f"bytes per row (seq_len = {compare.BYTE_CONTEXT} / bytes-per-token), tiny dense LM",
-            "checkpoints": {"gqvae": FLAGS.gqvae_checkpoint, "vqvae": FLAGS.vqvae_checkpoint}}
+            "checkpoints": checkpoints(), "measurements_reused_from": reused}
     with open(FLAGS.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")

@@ -2,7 +2,9 @@
 
     python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
-    python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k --stop_at_step 800
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k,codebook=4096 --workdir workdirs/gqvae_8k_c4k \
+      --stop_at_step 800
     python -m gqlm.tokenize --kind gqvae --checkpoint workdirs/gqvae --vocab_size 1024 --out workdirs/gqvae_1k
 
 The runner trains the GQ-VAE (`gqvae.train_tokenizer=True`) for `train.steps` steps on the train
@@ -12,15 +14,21 @@ codebook_usage, codebook_perplexity). `gqlm.tokenize` then builds an N-id tokeni
 checkpoint (`data.tokenizer=gqvae:workdirs/gqvae_1k`). `config.optimizer` is not read: the GQ-VAE
 has its own Adam (`gqvae.learning_rate`, codebook x `gqvae.codebook_lr_multiplier`).
 
-Variants:
-- (none): one 4096-code model for the 1k and 4k vocabularies (the most used codes' strings fill
-  them). 400 steps of 128 pieces; ~15 min on the shared 2-core CPU, far from the paper's budget.
-- `:vqvae`: the paper's VQ-VAE baseline (same model, a token end every 4 bytes).
-- `:v8k`: aims at an 8k vocabulary (7933 distinct multi-byte code strings): a 16384-code book,
-  re-seeded every 25 steps from a buffer of recent encoder outputs, 2000 steps of 256 pieces.
-  Measured (benchmarks/gqvae_codes.py, results/gqvae_codes.json; 1-4 s/step on the shared CPU):
-  ~8.4k codes in use per 25-step window from step 300 on, but only 5331 (step 400) and 5610
-  (step 800) distinct code strings on the train split: 4k builds, 8k does NOT yet.
+Variants (combinable with commas, e.g. `:v8k,codebook=4096`):
+- (none): a 4096-code model, 400 steps of 128 pieces; ~15 min on the shared 2-core CPU, far from
+  the paper's budget. Its segmentation of the train split has 7,040 distinct multi-byte segments
+  (the vocabulary's candidates): 1k and 4k vocabularies build, 8k does not.
+- `:vqvae`: the paper's VQ-VAE baseline (same model, a token end every 4 bytes). Its tokenizer's
+  segments are the pretokens' 4-byte chunks, so its vocabulary does not depend on the training.
+- `:v8k`: a 16384-code book re-seeded every 25 steps from a buffer of recent encoder outputs, 2000
+  steps of 256 pieces (1-6 s/step on the shared CPU; the comparison stopped it at 800 with
+  `--stop_at_step 800`). Its segmentation of the train split has ~56k distinct multi-byte
+  segments, so 8k builds (one string per code gave only 5,610). But the reason is a collapsed gate:
+  at 800 steps (and `:v8k,codebook=4096` at 409) no token ends where the gate alone decides, only
+  where it is forced (pretoken piece ends, every `max_token_len` bytes), so the vocabulary is the
+  most frequent pretokens (cut at 10 bytes); both models give the same vocabularies and encodings.
+  With 16384 codes encoding is ~3x slower than with 4096 (the nearest-code search dominates).
+- `codebook=N`: another codebook size, e.g. `:v8k,codebook=4096`.
 - `:smoke`: the same code path shrunk to seconds, for tests.
 """
 
@@ -47,19 +55,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     q.reseed_every = 50
     t = config.train
     t.update(dict(steps=400, log_every=50, eval_every=200, eval_batches=8, checkpoint_every=200, sample_tokens=0))
-    if arg == "vqvae":
-        q.fixed_gate_every = 4
-    elif arg == "v8k":
-        q.codebook_size = 16384
-        q.batch_size = 256
-        q.reseed_every = 25
-        t.steps = 2000
-        t.eval_every = t.checkpoint_every = 500
-    elif arg == "smoke":
-        q.embed_dim, q.num_heads, q.encoder_layers, q.gater_layers, q.mlp_dim = 16, 2, 1, 1, 32
-        q.codebook_size, q.batch_size, q.warmup_steps, q.reseed_every = 64, 32, 5, 5
-        t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 10, 10, 2, 10
-        t.progress = False
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} (known: vqvae, v8k, smoke)")
+    for part in filter(None, arg.split(",")):
+        if part == "vqvae":
+            q.fixed_gate_every = 4
+        elif part == "v8k":
+            q.codebook_size = 16384
+            q.batch_size = 256
+            q.reseed_every = 25
+            t.steps = 2000
+            t.eval_every = t.checkpoint_every = 200
+        elif part.startswith("codebook="):
+            q.codebook_size = int(part[len("codebook="):])
+        elif part == "smoke":
+            q.embed_dim, q.num_heads, q.encoder_layers, q.gater_layers, q.mlp_dim = 16, 2, 1, 1, 32
+            q.codebook_size, q.batch_size, q.warmup_steps, q.reseed_every = 64, 32, 5, 5
+            t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 10, 10, 2, 10
+            t.progress = False
+        else:
+            raise ValueError(f"unknown variant {part!r} in {arg!r} (known, combinable with commas: vqvae, v8k, codebook=N, smoke)")
     return config

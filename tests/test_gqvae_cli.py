@@ -98,13 +98,13 @@ def test_builder_bad_inputs_name_the_path_or_key(setup):
     assert missing in msg and "does not exist" in msg
     msg = one_line_error(ConfigError, tokenize.build_gqvae, LINES,
                          flags_like(checkpoint=ckpt, vocab_size=100_000, out=out))
-    assert "vocab_size=100000" in msg and "codes" in msg
+    assert "vocab_size=100000" in msg and "distinct multi-byte segments" in msg
     assert not os.path.exists(out)
 
 
-def test_vocab_size_limit_is_the_number_of_code_strings(setup):
+def test_vocab_size_limit_is_the_number_of_distinct_segments(setup):
     _, ckpt, _ = setup
-    # Independent count: distinct multi-byte strings the used codes end on, one per code.
+    # Independent count: distinct multi-byte strings the used codes end on, all of each code's.
     probe = GQVAETokenizer.build(ckpt, 259, LINES)
     segments = probe._segment_pretokens(sorted({p for t in LINES for p in tokenize_pretokens(t)}))
     by_code = {}
@@ -113,7 +113,8 @@ def test_vocab_size_limit_is_the_number_of_code_strings(setup):
             by_code.setdefault(code, set()).add(seg)
     assert GQVAETokenizer.build(ckpt, VOCAB, LINES).vocab_size == VOCAB
     upper = 259 + len({s for strings in by_code.values() for s in strings if len(s) > 1})
-    with pytest.raises(ConfigError, match="exceeds"):
+    assert GQVAETokenizer.build(ckpt, upper, LINES).vocab_size == upper
+    with pytest.raises(ConfigError, match=f"vocab_size={upper + 1} exceeds"):
         GQVAETokenizer.build(ckpt, upper + 1, LINES)
 
 

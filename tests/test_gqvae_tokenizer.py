@@ -97,8 +97,10 @@ def test_load_errors_name_the_path(built, tmp_path):
     with pytest.raises(TokenizerDirError, match="does not exist"):
         GQVAETokenizer.load(str(tmp_path / "missing"))
     manifest = json.load(open(os.path.join(out, "gqlm_tokenizer.json")))
-    for change, message in (({"kind": "bpe"}, "not 'gqvae'"), ({"format_version": 7}, "format_version 7")):
-        bad = tmp_path / f"bad_{len(message)}"
+    cases = (({"kind": "bpe"}, "not 'gqvae'"), ({"format_version": 7}, "format_version 7"),
+             ({"format_version": 1}, "format_version 1"))  # 1: the 512-position buckets' encodings
+    for n, (change, message) in enumerate(cases):
+        bad = tmp_path / f"bad_{n}"
         bad.mkdir()
         (bad / "gqlm_tokenizer.json").write_text(json.dumps({**manifest, **change}))
         with pytest.raises(TokenizerDirError, match=message) as info:
@@ -128,8 +130,8 @@ def test_cache_is_bounded(built, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "MAX_CACHE", 3)
     tok = GQVAETokenizer.load(out)
     text = random_texts(3, 1)[0] + TEXTS[1]
-    assert len(tok._table) > 0 and len(tok._cache) == len(tok._table)  # the saved table is not bounded
-    assert tok.decode(tok.encode(text)) == text and len(tok._cache) == len(tok._table) + 3
+    assert len(tok.table()) > 0 and tok.cached() == 0  # the saved table is not bounded
+    assert tok.decode(tok.encode(text)) == text and tok.cached() == 3
     assert tok.encode(text) == GQVAETokenizer.load(out).encode(text)
 
 
@@ -156,29 +158,26 @@ def test_build_many_matches_single_builds(built):
 
 def test_saved_table_is_what_the_model_gives(built, tmp_path):
     _, out, tok = built
-    assert set(tok._table) == {p for t in TEXTS for p in pretokens(t)}
+    assert set(tok.table()) == {p for t in TEXTS for p in pretokens(t)}
     bare = GQVAETokenizer.load(out, table=False)
-    assert bare._table == {} and bare.fingerprint() != tok.fingerprint()
+    assert bare.table() == {} and bare.fingerprint() != tok.fingerprint()
     for text in TEXTS + random_texts(4, 10):
         assert bare.encode(text) == tok.encode(text)
-    assert bare.remember(TEXTS) == len(tok._table) and bare._table == tok._table
+    assert bare.remember(TEXTS) == len(tok.table()) and bare.table() == tok.table()
     bare.save(str(tmp_path))
     assert GQVAETokenizer.load(str(tmp_path)).fingerprint() == tok.fingerprint()
 
 
-def test_bucketed_segmentation_matches_model_segment(built):
-    """The encoder path (pieces bucketed by length, nearest code by top_k) against model.segment
-    (argmin quantizer) on every piece padded to max_pretoken_len in one batch."""
+def reference_segments(tok, items):
+    """pretoken -> [(segment bytes, code at its last byte)] from model.segment (argmin quantizer)
+    on every piece padded to max_pretoken_len in one batch."""
     import jax
     from flax import nnx
     from gqlm.tokenizers.gqvae.model import segment
     from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, split_piece
     from gqlm.tokenizers.gqvae.train import make_model, split_params
-    _, _, tok = built
     graphdef, _ = split_params(make_model(tok.cfg))
-    items = sorted({p for t in TEXTS + random_texts(5, 20) for p in pretokens(t)})
     pieces = [c for p in items for c in split_piece(text_to_bytes(p), tok.cfg.max_pretoken_len)]
-    assert {len(c) for c in pieces} == set(range(1, tok.cfg.max_pretoken_len + 1))  # every bucket used
     bytes_NT, lengths_N = pack_pieces(pieces, tok.cfg.max_pretoken_len)
     ends_NT, codes_NT = jax.device_get(segment(nnx.merge(graphdef, tok.params), bytes_NT, lengths_N,
                                                tok.cfg.max_token_len))
@@ -191,7 +190,49 @@ def test_bucketed_segmentation_matches_model_segment(built):
                 segs.append((piece[prev:end + 1], int(codes_NT[n, end])))
                 prev = end + 1
             n += 1
-    assert tok._segment_pretokens(items) == expected
+    return expected
+
+
+def test_bucketed_segmentation_matches_model_segment(built):
+    """The encoder path (pieces bucketed by length, nearest code by blocked argmax) against
+    model.segment (argmin quantizer) on every piece padded to max_pretoken_len in one batch."""
+    from gqlm.tokenizers.gqvae.pretokenize import split_piece
+    _, _, tok = built
+    items = sorted({p for t in TEXTS + random_texts(5, 20) for p in pretokens(t)})
+    pieces = [c for p in items for c in split_piece(text_to_bytes(p), tok.cfg.max_pretoken_len)]
+    assert {len(c) for c in pieces} == set(range(1, tok.cfg.max_pretoken_len + 1))  # every bucket used
+    assert tok._segment_pretokens(items) == reference_segments(tok, items)
+
+
+def test_vocabulary_is_every_distinct_segment_by_frequency(built):
+    """The full vocabulary = the distinct multi-byte segments of the build texts, counted per
+    occurrence, most frequent first (ties in byte order), against a count done here; a code ends
+    several of its strings; one id more than that is refused, naming the value."""
+    ckpt, _, tok = built
+    occurrences = [p for t in TEXTS for p in pretokens(t)]
+    segs = reference_segments(tok, sorted(set(occurrences)))
+    freq, codes = {}, {}
+    for p in occurrences:
+        for seg, code in segs[p]:
+            if len(seg) > 1:
+                freq[seg] = freq.get(seg, 0) + 1
+                codes.setdefault(seg, set()).add(code)
+    want = sorted(freq, key=lambda s: (-freq[s], s))
+    assert want[:6] == tok.tokens
+    full, over = 259 + len(want), 260 + len(want)
+    stats = {}
+    many = GQVAETokenizer.build_many(ckpt, [full, over], TEXTS, strict=False, stats=stats)
+    assert many[full].tokens == want
+    strings_of = {}
+    for seg in want:
+        for code in codes[seg]:
+            strings_of.setdefault(code, []).append(seg)
+    assert max(map(len, strings_of.values())) >= 2  # one code, several vocabulary strings
+    assert (stats["distinct_segments"], stats["codes_ending_them"], stats["strings_per_code_max"]) == \
+        (len(want), len(strings_of), max(map(len, strings_of.values())))
+    assert isinstance(many[over], ConfigError) and f"vocab_size={over} exceeds" in str(many[over])
+    assert f"{len(want)} distinct multi-byte segments" in str(many[over]) and "\n" not in str(many[over])
+    assert all(many[full].decode(many[full].encode(t)) == t for t in TEXTS)
 
 
 def test_fixed_gates_skip_the_model():
@@ -237,8 +278,27 @@ def test_table_of_any_text_survives_save_load(built, tmp_path):
     bare.remember(texts)
     bare.save(str(tmp_path / "any"))
     loaded = GQVAETokenizer.load(str(tmp_path / "any"))
-    assert loaded._table == bare._table and any(has_surrogates(p) for p in loaded._table)
+    assert loaded.table() == bare.table() and any(has_surrogates(p) for p in loaded.table())
     assert [loaded.encode(t) for t in texts] == [tok.encode(t) for t in texts]
     empty = GQVAETokenizer.load(out, table=False)
     empty.save(str(tmp_path / "empty"))
-    assert GQVAETokenizer.load(str(tmp_path / "empty"))._table == {}
+    assert GQVAETokenizer.load(str(tmp_path / "empty")).table() == {}
+
+
+def test_pretoken_store_gathers_truncates_and_refills():
+    from gqlm.tokenizers.gqvae.pretoken_store import PretokenIds
+    rng = np.random.default_rng(7)
+    entries = {f"p{i}": rng.integers(0, 300, rng.integers(1, 5)).tolist() for i in range(3000)}
+    items = list(entries.items())
+    store = PretokenIds()
+    store.add(dict(items[:1000]))
+    store.add(dict(items[1000:]))  # past the initial capacity: the arrays grow
+    keys = [f"p{i}" for i in rng.integers(0, 3000, 500)]
+    slots = store.lookup(keys + ["absent"])
+    assert slots[-1] == -1 and store.gather(slots[:0]) == []
+    assert store.gather(slots[:-1]) == [i for k in keys for i in entries[k]]
+    store.truncate(1000)
+    assert len(store) == 1000 and store.lookup(["p999", "p1000"]).tolist() == [999, -1]
+    store.add({"p1000": [5, 6]})
+    assert store.gather(store.lookup(["p1000", "p0"])) == [5, 6] + entries["p0"]
+    assert store.as_dict() == {**dict(items[:1000]), "p1000": [5, 6]}

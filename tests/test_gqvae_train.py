@@ -97,6 +97,10 @@ def test_experiment_smoke_variant_trains(tmp_path):
     validate_gqvae(load_experiment("experiments/gqvae_shakespeare.py").gqvae)
     assert load_experiment("experiments/gqvae_shakespeare.py:vqvae").gqvae.fixed_gate_every == 4
     assert load_experiment("experiments/gqvae_shakespeare.py:v8k").gqvae.codebook_size >= 2 * 8192
+    both = load_experiment("experiments/gqvae_shakespeare.py:v8k,codebook=4096").gqvae
+    assert (both.codebook_size, both.batch_size, both.reseed_every) == (4096, 256, 25)
+    with pytest.raises(ValueError, match="'nope'"):
+        load_experiment("experiments/gqvae_shakespeare.py:v8k,nope")
     config = load_experiment("experiments/gqvae_shakespeare.py:smoke")
     _, _, history = train_gqvae(config, TEXTS, str(tmp_path), config.train.steps, log_every=10)
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)

@@ -1,19 +1,25 @@
 """GQVAETokenizer: segments text with a trained GQ-VAE's gate; lossless byte fallback.
 
 Ids: 0..255 the bytes, 256 bos, 257 eos, 258 pad, then the learned tokens (multi-byte strings).
-`encode` cuts the text into GPT-2 pretokens; each pretoken's ids come from a cache that starts as
-the table of the training text's pretokens saved with the tokenizer (`pretokens.npz`). Only the
+`encode` cuts the text into GPT-2 pretokens; each pretoken's ids come from a store
+(`PretokenIds`: one dict lookup per pretoken, then one NumPy gather for the whole text) that starts
+as the table of the training text's pretokens saved with the tokenizer (`pretokens.npz`). Only the
 distinct misses run the model: each is cut into pieces of at most `max_pretoken_len` bytes; pieces
-are grouped by padded length (`BUCKETS`) into fixed [POSITIONS // T, T] batches, so a piece always
-meets the same compiled shape whatever else is encoded, and every batch is dispatched before any
-result is read. The encoder + quantizer + gater cut each
-piece where the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in the
-vocabulary is one id; any other segment is spelled with the longest vocabulary strings that prefix
-what is left of it, else single bytes, so every text round-trips.
+are grouped by padded length (`BUCKETS`: every length up to 16, so little padding is computed) into
+fixed [POSITIONS // T, T] batches, so a piece always meets the same compiled shape whatever else is
+encoded, and every batch is dispatched before any result is read. The encoder + quantizer + gater
+cut each piece where the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in
+the vocabulary is one id; any other segment is spelled with the longest vocabulary strings that
+prefix what is left of it, else single bytes, so every text round-trips. Cost: the model (its
+nearest-code search is 2 x embed_dim x codebook_size FLOPs per byte) on the unseen pretokens.
 
-The vocabulary (`build`): for each code, the byte string it most often ends on `texts`; the codes'
-strings, ranked by how often they occur, fill the learned ids. The table holds the ids of the
-`MAX_TABLE` most frequent pretokens of `texts`, computed by the same model code.
+The vocabulary (`build`): the model segments every pretoken of `texts` (gate + codebook: the gater
+reads the quantized vectors); every distinct multi-byte segment is a candidate, counted once per
+occurrence in `texts`, and the most frequent fill the learned ids (ties: byte order). A code may
+thus own several strings (the segments it ends): one string per code capped a 16k-code model at
+~5.6k strings, while its segments give many more, so the vocabulary size is bounded by the distinct
+segments the model produces, not by the codes in use. The table holds the ids of the `MAX_TABLE`
+most frequent pretokens of `texts`, computed by the same model code.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import itertools
 import os
 from typing import Any, Iterable, Sequence
 
@@ -34,20 +39,21 @@ from gqlm.config import ConfigDict, ConfigError
 from gqlm.tokenizers.base import (TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
 from gqlm.tokenizers.gqvae.model import GQVAE, finalize_gates, fixed_gates, hard_boundaries, valid_mask
+from gqlm.tokenizers.gqvae.pretoken_store import PretokenIds
 from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, pretokens, split_piece
 from gqlm.tokenizers.gqvae.train import config_from_dict, load_checkpoint, make_model, split_params
 
 KIND = "gqvae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: exact-length buckets of POSITIONS=256 (1's 512-position buckets could round differently)
 PARAMS_FILE = "params.npz"
 TABLE_FILE = "pretokens.npz"  # optional: directories without it encode the same, only slower
 NUM_SPECIAL = 3
 FIRST_LEARNED = 256 + NUM_SPECIAL
-BUCKETS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)  # padded piece lengths (+ max_pretoken_len)
-POSITIONS = 512  # byte positions per model call: the [rows x codebook] distances stay in cache
+BUCKETS = tuple(range(1, 17)) + (24, 32, 48, 64)  # padded piece lengths (+ max_pretoken_len)
+POSITIONS = 256  # byte positions per model call: as fast per position as 512, less padding in last batches
 MAX_CACHE = 1_000_000  # pretokens remembered at run time, beyond the saved table
 MAX_TABLE = 200_000  # most frequent pretokens of the build texts whose ids are saved
-ENCODING = "bucketed-gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
+ENCODING = "exact-bucketed-gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
 
 
 def buckets_for(max_len: int) -> tuple[int, ...]:
@@ -97,8 +103,10 @@ class GQVAETokenizer:
         self._id_bytes = [bytes([b]) for b in range(256)] + [b""] * NUM_SPECIAL + self.tokens
         self._token_to_id = {t: FIRST_LEARNED + i for i, t in enumerate(self.tokens)}
         self._longest = max(map(len, self.tokens), default=1)
-        self._table: dict[str, list[int]] = {}  # pretoken -> ids, saved with the tokenizer
-        self._cache: dict[str, list[int]] = {}  # the table + what encoding met since (MAX_CACHE more)
+        # pretoken -> ids: the first `_n_table` slots are the table saved with the tokenizer, then
+        # what encoding met since (MAX_CACHE more at most).
+        self._store = PretokenIds()
+        self._n_table = 0
         self._buckets = buckets_for(cfg.max_pretoken_len)
         self._bucket_of = [next(b for b in self._buckets if b >= n) for n in range(cfg.max_pretoken_len + 1)]
         every = cfg.fixed_gate_every
@@ -118,24 +126,35 @@ class GQVAETokenizer:
 
     @classmethod
     def build_many(cls, checkpoint_dir: str, vocab_sizes: Sequence[int], texts: Iterable[str],
-                   strict: bool = True) -> dict[int, Any]:
+                   strict: bool = True, stats: dict[str, Any] | None = None) -> dict[int, Any]:
         """One tokenizer per size from one segmentation of `texts` (the ranking does not depend on
-        the size). A size exceeding the codes in use raises ConfigError naming it, or with
-        `strict=False` maps to that (unraised) error. Each keeps the table of `texts`' pretokens."""
+        the size). A size exceeding 259 + the distinct multi-byte segments of `texts` raises
+        ConfigError naming it, or with `strict=False` maps to that (unraised) error. Each keeps the
+        table of `texts`' pretokens. `stats`, if given, receives the segmentation's counts."""
         cfg, graphdef, params = load_checkpoint(checkpoint_dir)
         for v in vocab_sizes:
             if v < FIRST_LEARNED:
                 raise ConfigError(f"vocab_size={v} must be at least {FIRST_LEARNED} (256 bytes + 3 specials)")
         counts = _pretoken_counts(texts)
         segmented = cls(cfg, graphdef, params, [])._segment_pretokens(list(counts))
-        ranked = _ranked_code_strings(segmented, counts)
+        ranked = _ranked_segment_strings(segmented, counts)
+        if stats is not None:
+            strings_of: dict[int, set[bytes]] = collections.defaultdict(set)
+            for segments in segmented.values():
+                for seg, code in segments:
+                    if len(seg) > 1:
+                        strings_of[code].add(seg)
+            per_code = sorted(map(len, strings_of.values()))
+            stats.update(distinct_segments=len(ranked), codes_ending_them=len(per_code),
+                         strings_per_code_median=per_code[len(per_code) // 2] if per_code else 0,
+                         strings_per_code_max=per_code[-1] if per_code else 0)
         frequent = [p for p, _ in counts.most_common(MAX_TABLE)]
         out: dict[int, Any] = {}
         for v in vocab_sizes:
             if v - FIRST_LEARNED > len(ranked):
                 out[v] = ConfigError(
-                    f"vocab_size={v} exceeds what the checkpoint's codes give on these texts: "
-                    f"{FIRST_LEARNED} byte/special ids + {len(ranked)} multi-byte code strings = "
+                    f"vocab_size={v} exceeds what the checkpoint's segmentation gives on these texts: "
+                    f"{FIRST_LEARNED} byte/special ids + {len(ranked)} distinct multi-byte segments = "
                     f"{FIRST_LEARNED + len(ranked)}")
                 if strict:
                     raise out[v]
@@ -147,14 +166,24 @@ class GQVAETokenizer:
     def remember(self, texts: Iterable[str]) -> int:
         """Adds the most frequent pretokens of `texts` to the saved table (up to MAX_TABLE in all),
         e.g. for a directory built before tables existed; encodings do not change. Returns its size."""
-        new = [p for p, _ in _pretoken_counts(texts).most_common() if p not in self._table]
-        self._extend_table(self._fill(new[:max(0, MAX_TABLE - len(self._table))]))
-        return len(self._table)
+        self._store.truncate(self._n_table)
+        new = [p for p, _ in _pretoken_counts(texts).most_common() if p not in self._store.slot]
+        self._extend_table(self._model_ids(new[:max(0, MAX_TABLE - self._n_table)]))
+        return self._n_table
 
     def _extend_table(self, entries: dict[str, list[int]]) -> None:
-        self._table.update(entries)
-        self._cache.update(entries)
+        self._store.truncate(self._n_table)  # the run-time cache goes: table slots come first
+        self._store.add({p: v for p, v in entries.items() if p not in self._store.slot})
+        self._n_table = len(self._store)
         self._fingerprint = ""
+
+    def table(self) -> dict[str, list[int]]:
+        """The saved pretoken table: pretoken -> ids."""
+        return self._store.as_dict(self._n_table)
+
+    def cached(self) -> int:
+        """Pretokens known beyond the table (the run-time cache)."""
+        return len(self._store) - self._n_table
 
     def _segment_pretokens(self, items: Sequence[str], codes: bool = True) -> dict[str, list[tuple[bytes, int]]]:
         """Each pretoken -> its segments (byte string, code at the segment's last byte; -1 with
@@ -216,13 +245,9 @@ class GQVAETokenizer:
                 ids.append(tid)
         return ids
 
-    def _fill(self, items: Iterable[str]) -> dict[str, list[int]]:
-        """Ids of uncached pretokens; remembered while the run-time cache has room."""
-        found = {p: self._ids(segs) for p, segs in self._segment_pretokens(list(items), codes=False).items()}
-        room = MAX_CACHE - (len(self._cache) - len(self._table))
-        if room > 0:
-            self._cache.update(found if len(found) <= room else dict(itertools.islice(found.items(), room)))
-        return found
+    def _model_ids(self, items: Sequence[str]) -> dict[str, list[int]]:
+        """Ids of `items` computed by the model (no store involved)."""
+        return {p: self._ids(segs) for p, segs in self._segment_pretokens(list(items), codes=False).items()}
 
     def _spell(self, seg: bytes) -> list[int]:
         """A segment the vocabulary lacks: greedy longest vocabulary prefixes, else single bytes."""
@@ -243,18 +268,20 @@ class GQVAETokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        store = self._store
         pts_list = [pretokens(t) for t in texts]
-        get = self._cache.__getitem__
-        try:  # Fast path: every pretoken cached.
-            return [self._checked(t, list(itertools.chain.from_iterable(map(get, pts))))
-                    for t, pts in zip(texts, pts_list)]
-        except KeyError:
-            pass
-        missing = set().union(*pts_list) - self._cache.keys()
-        found = self._fill(sorted(missing))  # sorted: the same batches whatever the set order
-        if any(p not in self._cache for p in found):  # The run-time cache is full: look in `found` too.
-            get = collections.ChainMap(self._cache, found).__getitem__
-        return [self._checked(t, list(itertools.chain.from_iterable(map(get, pts)))) for t, pts in zip(texts, pts_list)]
+        slots_list = [store.lookup(pts) for pts in pts_list]
+        unknown = [np.flatnonzero(slots < 0) for slots in slots_list]
+        missing = sorted({pts[i] for pts, where in zip(pts_list, unknown) for i in where.tolist()})
+        if missing:  # sorted: the same batches whatever the set order
+            before = len(store)
+            store.add(self._model_ids(missing))
+            for pts, slots, where in zip(pts_list, slots_list, unknown):
+                slots[where] = [store.slot[pts[i]] for i in where.tolist()]
+        out = [self._checked(t, store.gather(slots)) for t, slots in zip(texts, slots_list)]
+        if missing and len(store) - self._n_table > MAX_CACHE:  # Bounded: keep what fits, in sorted order.
+            store.truncate(max(before, self._n_table + MAX_CACHE))
+        return out
 
     def _checked(self, text: str, ids: list[int]) -> list[int]:
         # Lone surrogates are the one case where per-pretoken bytes could decode differently from
@@ -273,7 +300,7 @@ class GQVAETokenizer:
 
     def fingerprint(self) -> str:
         if not self._fingerprint:  # The table decides its pretokens' ids, so it is part of the identity.
-            table = _table_arrays(self._table)
+            table = self._store.arrays(self._n_table)
             self._fingerprint = fingerprint_of(*self._base_fingerprint, *(table[k].tobytes() for k in sorted(table)))
         return self._fingerprint
 
@@ -286,7 +313,7 @@ class GQVAETokenizer:
         flat = {"/".join(str(getattr(k, "key", k)) for k in path_): np.asarray(v)
                 for path_, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
         np.savez(os.path.join(path, PARAMS_FILE), **flat)
-        np.savez(os.path.join(path, TABLE_FILE), **_table_arrays(self._table))
+        np.savez(os.path.join(path, TABLE_FILE), **self._store.arrays(self._n_table))
 
     @classmethod
     def load(cls, path: str, table: bool = True) -> "GQVAETokenizer":
@@ -317,7 +344,8 @@ class GQVAETokenizer:
         if table and os.path.exists(table_file):
             try:
                 with np.load(table_file) as npz:
-                    tok._extend_table(_table_from_arrays(dict(npz), tok._id_bytes))
+                    tok._store.add_arrays(dict(npz), tok._id_bytes, FIRST_LEARNED)
+                tok._n_table = len(tok._store)
             except (KeyError, ValueError, OSError) as e:
                 raise TokenizerDirError(f"{where}: {TABLE_FILE} is corrupt ({type(e).__name__}: {e})") from None
         return tok
@@ -340,54 +368,17 @@ def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:
     return counts
 
 
-def _ranked_code_strings(segmented: dict[str, list[tuple[bytes, int]]], counts: collections.Counter) -> list[bytes]:
-    """For each code, the byte string it most often ends (weighted by pretoken counts); the
-    multi-byte ones, ranked by how often they occur."""
-    pair_counts: collections.Counter = collections.Counter()
+def _ranked_segment_strings(segmented: dict[str, list[tuple[bytes, int]]],
+                            counts: collections.Counter) -> list[bytes]:
+    """The distinct multi-byte segments, most frequent first (occurrences weighted by pretoken
+    counts; ties in byte order). Whichever codes end a string, its occurrences add up."""
+    strings: collections.Counter = collections.Counter()
     for pretoken, segments in segmented.items():
-        for seg, code in segments:
-            pair_counts[code, seg] += counts[pretoken]
-    best: dict[int, tuple[int, bytes]] = {}  # code -> (count, its most frequent string)
-    for (code, seg), n in pair_counts.items():
-        if (n, seg) > best.get(code, (0, b"")):
-            best[code] = (n, seg)
-    strings: dict[bytes, int] = {}
-    for n, seg in best.values():
-        if len(seg) > 1:
-            strings[seg] = max(n, strings.get(seg, 0))
+        n = counts[pretoken]
+        for seg, _ in segments:
+            if len(seg) > 1:
+                strings[seg] += n
     return sorted(strings, key=lambda s: (-strings[s], s))
-
-
-def _table_arrays(table: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """pretoken -> ids as flat arrays: the pretokens' bytes (text_to_bytes) and ids, with lengths."""
-    keys = [text_to_bytes(p) for p in table]
-    return {"pretoken_bytes": np.frombuffer(b"".join(keys), np.uint8),
-            "pretoken_lengths": np.array([len(k) for k in keys], np.int64),
-            "ids": np.fromiter(itertools.chain.from_iterable(table.values()), np.int32),
-            "id_counts": np.array([len(v) for v in table.values()], np.int64)}
-
-
-def _table_from_arrays(arrays: dict[str, np.ndarray], id_bytes: Sequence[bytes]) -> dict[str, list[int]]:
-    """Inverse of `_table_arrays`, checking that each entry's ids spell its pretoken (losslessness
-    must not rest on a file): ValueError otherwise."""
-    blob, key_len = arrays["pretoken_bytes"].tobytes(), arrays["pretoken_lengths"]
-    ids, id_counts = arrays["ids"], arrays["id_counts"]
-    if len(id_counts) != len(key_len) or int(key_len.sum()) != len(blob) or int(id_counts.sum()) != len(ids):
-        raise ValueError("array lengths disagree")
-    if len(ids) and ((ids < 0) | (ids >= len(id_bytes)) | ((ids >= 256) & (ids < FIRST_LEARNED))).any():
-        raise ValueError("an id outside the vocabulary")
-    if (id_counts < 1).any() or (key_len < 1).any():
-        raise ValueError("an empty entry")
-    ids_list, id_ends = ids.tolist(), np.cumsum(id_counts).tolist()
-    id_starts = [0] + id_ends[:-1]
-    sizes = np.array([len(b) for b in id_bytes], np.int64)
-    # Same bytes overall and same length per entry: then every entry spells its own pretoken.
-    if (len(ids) and not np.array_equal(np.add.reduceat(sizes[ids], id_starts), key_len)) or \
-            b"".join(map(id_bytes.__getitem__, ids_list)) != blob:
-        raise ValueError("ids that do not spell their pretokens")
-    key_ends = np.cumsum(key_len).tolist()
-    return {bytes_to_text(blob[a:b]): ids_list[c:d]
-            for a, b, c, d in zip([0] + key_ends[:-1], key_ends, id_starts, id_ends)}
 
 
 def _params_digest(params: Any) -> bytes:
