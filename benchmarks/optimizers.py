@@ -4,15 +4,16 @@
 
 (a) `--part=step_time`: the 4-layer d512 model (`experiments/dense.py:d512`, Shakespeare bytes,
     `--seq_len` x `--batch_size` tokens per step) on each mesh of `--meshes`. SOAP's extra work per
-    step is ~6 m n (m + n) FLOPs per m x n matrix against 6 m n per token for the model, so its
+    step is ~8 m n (m + n) FLOPs per m x n matrix (Gram statistics; projecting the gradient and
+    first moment; projecting back) against 6 m n per token for the model, so its
     overhead shrinks as (m + n) / tokens per step: 8,192 tokens is still a small pretraining batch.
     On the fsdp mesh the optimizer state and its linear algebra are split over the 8 devices; on
-    the data mesh every (fake) device repeats them, which on real accelerators costs no extra wall
-    time but here runs 8 copies on the same 2 cores. Per optimizer, two
-    warm-up calls (compile, and SOAP's statistics-only first call), then the mean of `--steps`
-    consecutive steps, a multiple of the refresh period, so SOAP's eigenbasis refreshes (every
-    10 steps) are averaged in. AdamW runs first and again last in the same process; the ratio
-    divides by the mean of its two timings, and their spread shows how noisy the machine was.
+    the data mesh too (SOAP's state and its per-step math are split over every device whatever
+    the parameter's sharding). Every optimizer's step is built and run twice first (compilation,
+    and SOAP's statistics-only first call); then all are timed round-robin, `--rounds` rounds of
+    `--steps` consecutive steps each (a multiple of the refresh period, so SOAP's eigenbasis
+    refreshes are averaged in), so load drift on a shared machine hits every optimizer alike.
+    A step time is the best round's mean (the median round's ratio is reported too).
 (b) `--part=steps_to_target`: `experiments/soap_vs_adamw.py` (tiny d128 x 4 model, SOAP on the
     hidden matrices, AdamW elsewhere) for each learning rate of its `SWEEP` (or `--lrs`), the
     same token budget (`--train_steps` x 32 x 128 tokens) for every run; validation loss every
@@ -47,7 +48,7 @@ from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global
 from gqlm.eval.bpb import evaluate  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
 from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step  # noqa: E402
-from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
+from gqlm.train.timing import TrainStepTimer, time_rounds, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ZOO = ("adamw", "lion", "signum", "adafactor", "sgd", "adalayer", "soap")
@@ -57,7 +58,8 @@ flags.DEFINE_list("optimizers", list(ZOO), "(a) optimizers to time (AdamW is alw
 flags.DEFINE_list("meshes", ["1x8x1", "8x1x1"], "(a) meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,1x8x1.")
 flags.DEFINE_integer("seq_len", 512, "(a) sequence length.")
 flags.DEFINE_integer("batch_size", 16, "(a) global batch size (sequences).")
-flags.DEFINE_integer("steps", 10, "(a) timed steps per optimizer (use a multiple of 10, SOAP's refresh period).")
+flags.DEFINE_integer("steps", 10, "(a) timed steps per optimizer per round (a multiple of 10, SOAP's refresh period).")
+flags.DEFINE_integer("rounds", 3, "(a) round-robin timing rounds (the best round counts).")
 flags.DEFINE_integer("train_steps", 120, "(b) steps per run (the token budget).")
 flags.DEFINE_integer("eval_every", 20, "(b) steps between validation evaluations.")
 flags.DEFINE_integer("eval_batches", 4, "(b) validation batches per evaluation.")
@@ -69,16 +71,14 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------- (a) step time
 
 
-def time_optimizer(name: str, mesh: tuple[int, int, int], steps: int) -> dict[str, float]:
-    """Mean seconds per train step of the d512 model with optimizer `name` on `mesh`."""
+def optimizer_config(name: str, mesh: tuple[int, int, int]) -> config_lib.ConfigDict:
+    """The d512 model with optimizer `name` on `mesh` (data, fsdp, tensor)."""
     config = config_lib.load_experiment(os.path.join(ROOT, "experiments/dense.py:d512"))
     data, fsdp, tensor = mesh
-    config = config_lib.apply_overrides(config, {
+    return config_lib.apply_overrides(config, {
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
         "mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor),
         "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10"})
-    timing = time_train_steps(config, steps)
-    return {k: timing[k] for k in ("step_time_s", "warmup_s", "final_loss")}
 
 
 def run_step_time() -> dict[str, Any]:
@@ -87,43 +87,43 @@ def run_step_time() -> dict[str, Any]:
     if unknown:
         raise app.UsageError(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(ZOO)})")
     result = {"model": "experiments/dense.py:d512", "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
-              "steps": FLAGS.steps, "precondition_frequency": 10, "meshes": {}}
+              "steps": FLAGS.steps, "rounds": FLAGS.rounds, "precondition_frequency": 10, "meshes": {}}
     for mesh_text in FLAGS.meshes:
         mesh = tuple(int(x) for x in mesh_text.split("x"))
         if len(mesh) != 3:
             raise app.UsageError(f"--meshes entry {mesh_text!r} is not DATAxFSDPxTENSOR")
-        rows = {"adamw_first": time_optimizer("adamw", mesh, FLAGS.steps)}
-        print(f"[{mesh_text}] adamw (first): {rows['adamw_first']['step_time_s']:.3f} s/step", flush=True)
-        for name in names:
-            rows[name] = time_optimizer(name, mesh, FLAGS.steps)
-            print(f"[{mesh_text}] {name}: {rows[name]['step_time_s']:.3f} s/step", flush=True)
-        rows["adamw_last"] = time_optimizer("adamw", mesh, FLAGS.steps)
-        print(f"[{mesh_text}] adamw (last): {rows['adamw_last']['step_time_s']:.3f} s/step", flush=True)
-        reference = (rows["adamw_first"]["step_time_s"] + rows["adamw_last"]["step_time_s"]) / 2
-        rows["adamw"] = {"step_time_s": reference}
-        for row in rows.values():
-            row["ratio_to_adamw"] = row["step_time_s"] / reference
+        timers = {name: TrainStepTimer(optimizer_config(name, mesh), FLAGS.steps) for name in ["adamw"] + names}
+        for timer in timers.values():
+            timer.run(2)  # compilation, and SOAP's statistics-only first call
+        times = dict(zip(timers, time_rounds(list(timers.values()), FLAGS.steps, FLAGS.rounds)))
+        rows = {name: {"step_time_s": min(ts), "median_step_time_s": sorted(ts)[len(ts) // 2], "rounds_s": ts,
+                       "final_loss": float(timers[name].metrics["loss"])} for name, ts in times.items()}
+        for name, row in rows.items():
+            row["ratio_to_adamw"] = row["step_time_s"] / rows["adamw"]["step_time_s"]
+            row["median_ratio_to_adamw"] = row["median_step_time_s"] / rows["adamw"]["median_step_time_s"]
+            print(f"[{mesh_text}] {name}: {row['step_time_s']:.3f} s/step (best round), "
+                  f"x{row['ratio_to_adamw']:.2f} AdamW; rounds {', '.join(f'{t:.2f}' for t in row['rounds_s'])}",
+                  flush=True)
         result["meshes"][mesh_text] = rows
+        del timers
     return result
 
 
 def step_time_table(result: dict[str, Any]) -> str:
     meshes = list(result["meshes"])
     names = ["adamw"] + [n for n in ZOO if n != "adamw" and n in result["meshes"][meshes[0]]]
-    head = "| optimizer | " + " | ".join(f"step (s), mesh {m} | x AdamW" for m in meshes) + " |"
+    head = "| optimizer | " + " | ".join(f"step (s), mesh {m} | x AdamW | x AdamW (median round)"
+                                         for m in meshes) + " |"
     lines = [f"Step time, {result['model']}, seq {result['seq_len']} x batch {result['batch_size']}, "
-             f"mean of {result['steps']} steps (SOAP refresh every {result['precondition_frequency']}):", "",
-             head, "|---" * (1 + 2 * len(meshes)) + "|"]
+             f"best of {result['rounds']} round-robin rounds of {result['steps']} steps "
+             f"(SOAP refresh every {result['precondition_frequency']}):", "",
+             head, "|---" * (1 + 3 * len(meshes)) + "|"]
     for name in names:
         cells = []
         for m in meshes:
             row = result["meshes"][m][name]
-            cells += [f"{row['step_time_s']:.3f}", f"{row['ratio_to_adamw']:.2f}"]
+            cells += [f"{row['step_time_s']:.3f}", f"{row['ratio_to_adamw']:.2f}", f"{row['median_ratio_to_adamw']:.2f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    spread = ", ".join(
-        f"{m}: {result['meshes'][m]['adamw_first']['step_time_s']:.3f} / "
-        f"{result['meshes'][m]['adamw_last']['step_time_s']:.3f} s" for m in meshes)
-    lines += ["", f"AdamW timed first / last in the same run (noise): {spread}."]
     return "\n".join(lines)
 
 

@@ -2,6 +2,10 @@
 
 Warm-up steps (compilation, first-touch allocation) are excluded; the batches are assembled
 before the clock starts, so the figure is device time per step, not input-pipeline time.
+`TrainStepTimer` + `time_rounds` time several experiments round-robin in one process, so load
+drift on a shared machine hits every case alike (each step is waited for: a queue of dozens of
+asynchronously dispatched 8-device steps, in a process holding several compiled steps, has hung
+XLA:CPU's in-process all-reduce rendezvous).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -47,6 +51,46 @@ def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[st
             "tokens_per_step": tokens,
             "flops_per_token": flops, "model_flops_per_s": tokens / seconds * flops,
             "final_loss": float(metrics["loss"])}
+
+
+class TrainStepTimer:
+    """An experiment's jitted train step on its mesh, with its state and `num_batches` batches."""
+
+    def __init__(self, config: ConfigDict, num_batches: int):
+        self.exp = exp = build_experiment(config)
+        cfg = exp.config
+        self.tokens = cfg.data.batch_size * cfg.data.seq_len
+        batches = make_train_iterator(cfg, exp.tokenizer)
+        sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+        with jax.set_mesh(exp.mesh):
+            self.state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
+            self.step = jit_train_step(exp)
+            self.data = [to_global(next(batches), sharding) for _ in range(num_batches)]
+        self.metrics: dict[str, Any] = {}
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` steps, each waited for (the state trains on)."""
+        with jax.set_mesh(self.exp.mesh):
+            start = time.perf_counter()
+            for i in range(steps):
+                self.state, self.metrics = self.step(self.state, self.data[i % len(self.data)])
+                jax.block_until_ready(self.metrics)
+        return (time.perf_counter() - start) / steps
+
+    def restart_from(self, state: Any) -> None:
+        """Continue from `state` (a host copy of the same model's TrainState), on this mesh."""
+        self.state = jax.device_put(state, self.exp.shardings)
+        self.run(1)
+
+
+def time_rounds(timers: Sequence[Any], steps: int, rounds: int) -> list[list[float]]:
+    """Seconds per step of each timer (anything with `run(steps) -> seconds per step`, like
+    `TrainStepTimer`) in each round, every timer `steps` steps per round."""
+    times: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            times[i].append(timer.run(steps))
+    return times
 
 
 def write_results(path: str, results: dict[str, Any]) -> None:
