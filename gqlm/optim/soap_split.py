@@ -61,10 +61,12 @@ def split_dim(sizes: Sequence[int], active: Sequence[bool], mesh) -> int:
     candidates = [k for k, on in enumerate(active) if on]
     if not candidates:
         return -1
+    return max(candidates, key=lambda k: (_size(split_axes(sizes[k], mesh), mesh), sizes[k]))
 
-    def devices(k):
-        return 1 if mesh is None or mesh.empty else _size(split_axes(sizes[k], mesh), mesh)
-    return max(candidates, key=lambda k: (devices(k), sizes[k]))
+
+def _along(ndim: int, k: int, axes: tuple[str, ...]) -> P:
+    """A spec splitting dimension k of an ndim-array over `axes`."""
+    return P(*(_entry(axes) if i == k else None for i in range(ndim)))
 
 
 def rotated_spec(shape: Sequence[int], dims: tuple, active: Sequence[bool], mesh) -> P | None:
@@ -74,7 +76,7 @@ def rotated_spec(shape: Sequence[int], dims: tuple, active: Sequence[bool], mesh
     if not any(active) or any(len(group) > 1 for group in dims):
         return None
     s = split_dim(shape, active, mesh)
-    return P(*(_entry(split_axes(shape[s], mesh)) if i == s else None for i in range(len(shape))))
+    return _along(len(shape), s, split_axes(shape[s], mesh))
 
 
 def _size(axes: tuple[str, ...], mesh) -> int:
@@ -111,7 +113,7 @@ def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple,
         g = x_2[0]
         new_st = []
         for k in ks:
-            rows = sizes[k] // _size(axes[k], mesh) if axes[k] else sizes[k]
+            rows = sizes[k] // _size(axes[k], mesh)
             start = jax.lax.axis_index(axes[k]) * rows if axes[k] else 0
             g_rows = jax.lax.dynamic_slice_in_dim(g, start, rows, axis=k)
             others = [i for i in range(g.ndim) if i != k]
@@ -136,9 +138,9 @@ def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple,
     if mesh is None:
         u, nu, new_st = local(x_2, nu_l, st_in, q_in)
     else:
-        along_s = P(*(_entry(axes[s]) if i == s else None for i in range(len(sizes))))
-        st_specs = tuple(P(_entry(axes[k]), None) for k in ks)
-        q_specs = tuple(P(None, _entry(axes[k])) for k in ks)
+        along_s = _along(len(sizes), s, axes[s])
+        st_specs = tuple(statistic_spec(sizes[k], mesh) for k in ks)
+        q_specs = tuple(basis_spec(sizes[k], mesh) for k in ks)
         u, nu, new_st = jax.shard_map(
             local, mesh=mesh, in_specs=(P(), along_s, st_specs, q_specs),
             out_specs=(along_s, along_s, st_specs))(x_2, nu_l, st_in, q_in)
