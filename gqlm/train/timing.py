@@ -26,31 +26,18 @@ from gqlm.train.experiment import build_experiment, jit_train_step
 
 
 def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, float]:
-    """Seconds per train step, tokens/s and model FLOP/s of `config` (after `warmup` steps)."""
-    exp = build_experiment(config)
-    cfg = exp.config
-    batches = make_train_iterator(cfg, exp.tokenizer)
-    sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    with jax.set_mesh(exp.mesh):
-        state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
-        step = jit_train_step(exp)
-        data = [to_global(next(batches), sharding) for _ in range(steps + warmup)]
-        start = time.perf_counter()
-        for batch in data[:warmup]:  # compilation; SOAP's first call only builds its statistics
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        warmup_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        for batch in data[warmup:]:
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / steps
-    tokens = cfg.data.batch_size * cfg.data.seq_len
+    """Seconds per train step, tokens/s and model FLOP/s of `config` (after `warmup` steps),
+    the steps dispatched without waiting, as training runs them."""
+    timer = TrainStepTimer(config, steps + warmup)
+    # Compilation; SOAP's first call only builds its statistics.
+    warmup_seconds = timer.run(warmup, wait_each_step=False) * warmup
+    seconds = timer.run(steps, wait_each_step=False)
+    cfg = timer.exp.config
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
-    return {"step_time_s": seconds, "warmup_s": warmup_seconds, "tokens_per_s": tokens / seconds,
-            "tokens_per_step": tokens,
-            "flops_per_token": flops, "model_flops_per_s": tokens / seconds * flops,
-            "final_loss": float(metrics["loss"])}
+    return {"step_time_s": seconds, "warmup_s": warmup_seconds, "tokens_per_s": timer.tokens / seconds,
+            "tokens_per_step": timer.tokens,
+            "flops_per_token": flops, "model_flops_per_s": timer.tokens / seconds * flops,
+            "final_loss": float(timer.metrics["loss"])}
 
 
 class TrainStepTimer:
@@ -67,14 +54,20 @@ class TrainStepTimer:
             self.step = jit_train_step(exp)
             self.data = [to_global(next(batches), sharding) for _ in range(num_batches)]
         self.metrics: dict[str, Any] = {}
+        self._next_batch = 0
 
-    def run(self, steps: int) -> float:
-        """Seconds per step over `steps` steps, each waited for (the state trains on)."""
+    def run(self, steps: int, wait_each_step: bool = True) -> float:
+        """Seconds per step over `steps` steps (the state trains on, through the batches in turn);
+        each step is waited for unless `wait_each_step` is False."""
         with jax.set_mesh(self.exp.mesh):
             start = time.perf_counter()
-            for i in range(steps):
-                self.state, self.metrics = self.step(self.state, self.data[i % len(self.data)])
-                jax.block_until_ready(self.metrics)
+            for _ in range(steps):
+                batch = self.data[self._next_batch % len(self.data)]
+                self._next_batch += 1
+                self.state, self.metrics = self.step(self.state, batch)
+                if wait_each_step:
+                    jax.block_until_ready(self.metrics)
+            jax.block_until_ready(self.metrics)
         return (time.perf_counter() - start) / steps
 
     def restart_from(self, state: Any) -> None:
