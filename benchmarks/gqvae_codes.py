@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # 8 fake CPU devices unless set
 
 import sys  # noqa: E402
 import time  # noqa: E402

@@ -9,7 +9,9 @@
     overhead shrinks as (m + n) / tokens per step: 8,192 tokens is still a small pretraining batch.
     On the fsdp mesh the optimizer state and its linear algebra are split over the 8 devices; on
     the data mesh too (SOAP's state and its per-step math are split over every device whatever
-    the parameter's sharding). Every optimizer's step is built and run twice first (compilation,
+    the parameter's sharding). `--experiment` and `--set KEY=VALUE` pick another model (e.g. on one
+    GPU: `--experiment=experiments/dense_125m.py --meshes=1x1x1 --seq_len=1024 --batch_size=32
+    --set=model.compute_dtype=bfloat16`). Every optimizer's step is built and run twice first (compilation,
     and SOAP's statistics-only first call); then all are timed round-robin, `--rounds` rounds of
     `--steps` consecutive steps each (a multiple of the refresh period, so SOAP's eigenbasis
     refreshes are averaged in), so load drift on a shared machine hits every optimizer alike.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # 8 fake CPU devices unless set
 # XLA:CPU runs eigh/QR through scipy's OpenBLAS-backed LAPACK; with its default thread pool the 8
 # fake devices' concurrent calls thrash (a 512x512 eigh: 4.5 s instead of 0.014 s on 2 cores).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -58,6 +60,8 @@ flags.DEFINE_list("optimizers", list(ZOO), "(a) optimizers to time (AdamW is alw
 flags.DEFINE_list("meshes", ["1x8x1", "8x1x1"], "(a) meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,1x8x1.")
 flags.DEFINE_integer("seq_len", 512, "(a) sequence length.")
 flags.DEFINE_integer("batch_size", 16, "(a) global batch size (sequences).")
+flags.DEFINE_string("experiment", "experiments/dense.py:d512", "(a) the model's experiment file[:variant].")
+flags.DEFINE_multi_string("set", [], "(a) extra config overrides KEY=VALUE (e.g. model.compute_dtype=bfloat16).")
 flags.DEFINE_integer("steps", 10, "(a) timed steps per optimizer per round (a multiple of 10, SOAP's refresh period).")
 flags.DEFINE_integer("rounds", 3, "(a) round-robin timing rounds (the best round counts).")
 flags.DEFINE_integer("train_steps", 120, "(b) steps per run (the token budget).")
@@ -72,13 +76,16 @@ FLAGS = flags.FLAGS
 
 
 def optimizer_config(name: str, mesh: tuple[int, int, int]) -> config_lib.ConfigDict:
-    """The d512 model with optimizer `name` on `mesh` (data, fsdp, tensor)."""
-    config = config_lib.load_experiment(os.path.join(ROOT, "experiments/dense.py:d512"))
+    """The `--experiment` model with optimizer `name` on `mesh` (data, fsdp, tensor)."""
+    config = config_lib.load_experiment(os.path.join(ROOT, FLAGS.experiment))
     data, fsdp, tensor = mesh
+    extra = dict(item.split("=", 1) for item in FLAGS.set if "=" in item)
+    if len(extra) != len(FLAGS.set):
+        raise app.UsageError(f"--set entries must be KEY=VALUE, got {FLAGS.set}")
     return config_lib.apply_overrides(config, {
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
         "mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor),
-        "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10"})
+        "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10", **extra})
 
 
 def run_step_time() -> dict[str, Any]:
@@ -86,7 +93,7 @@ def run_step_time() -> dict[str, Any]:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise app.UsageError(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(ZOO)})")
-    result = {"model": "experiments/dense.py:d512", "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
+    result = {"model": FLAGS.experiment, "overrides": FLAGS.set, "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
               "steps": FLAGS.steps, "rounds": FLAGS.rounds, "precondition_frequency": 10, "meshes": {}}
     for mesh_text in FLAGS.meshes:
         mesh = tuple(int(x) for x in mesh_text.split("x"))

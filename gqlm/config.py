@@ -58,6 +58,10 @@ def base_config() -> ConfigDict:
     m.max_seq_len = 1024
     m.position = "rope"  # rope | alibi | none
     m.rope_theta = 10_000.0
+    # einsum: plain XLA ops (fastest on CPU); cudnn: jax.nn.dot_product_attention's fused
+    # flash-attention kernel (GPU, bf16/fp16); xla: that function's reference path;
+    # auto: cudnn on GPUs when compute_dtype is bfloat16, else einsum.
+    m.attention_impl = "auto"
     m.tie_embeddings = True
     m.norm_eps = 1e-6
     m.remat = False
@@ -305,6 +309,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
     _check(m.position in ("rope", "alibi", "none"),
            f"model.position={m.position!r} must be one of rope, alibi, none")
+    _check(m.attention_impl in ("auto", "einsum", "cudnn", "xla"),
+           f"model.attention_impl={m.attention_impl!r} must be one of auto, einsum, cudnn, xla")
     for key in ("param_dtype", "compute_dtype"):
         _check(m[key] in ("float32", "bfloat16"), f"model.{key}={m[key]!r} must be float32 or bfloat16")
     _check(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gqlm.config import ConfigError, base_config
-from gqlm.models.attention import Attention, attention_mask
+from gqlm.models.attention import Attention, attention_mask, resolve_attention_impl
 
 # Row 0: three packed documents then padding; row 1: two documents, no padding.
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0],
@@ -16,10 +16,12 @@ POSITIONS = np.array([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 0],
                       [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]], np.int32)
 
 
-def model_cfg(position: str, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 0):
+def model_cfg(position: str, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 0,
+              attention_impl: str = "einsum"):
     cfg = base_config().model
     cfg.update(dict(vocab_size=32, embed_dim=16, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                    head_dim=head_dim, position=position, rope_theta=100.0, init_std=0.3))
+                    head_dim=head_dim, position=position, rope_theta=100.0, init_std=0.3,
+                    attention_impl=attention_impl))
     return cfg
 
 
@@ -66,10 +68,13 @@ def naive_attention(x_BTD, params, segments, pos, position, theta):
     return out
 
 
+# "xla" runs jax.nn.dot_product_attention's reference path with the same arguments the fused cuDNN
+# kernel gets on GPUs (causal flag, segment mask as bias, grouped kv heads), so this checks them.
+@pytest.mark.parametrize("attention_impl", ["einsum", "xla"])
 @pytest.mark.parametrize("position", ["rope", "alibi", "none"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
-def test_attention_matches_naive_numpy(position, num_kv_heads):
-    cfg = model_cfg(position, num_kv_heads=num_kv_heads)
+def test_attention_matches_naive_numpy(position, num_kv_heads, attention_impl):
+    cfg = model_cfg(position, num_kv_heads=num_kv_heads, attention_impl=attention_impl)
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     x = np.random.default_rng(1).normal(size=(2, SEGMENTS.shape[1], 16)).astype(np.float32)
     got = attn(jnp.asarray(x), jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS))
@@ -97,8 +102,9 @@ def test_mask_is_causal_and_within_segment():
                 assert mask[b, t, s] == (s <= t and SEGMENTS[b, s] == SEGMENTS[b, t])
 
 
-def test_all_padding_row_is_finite_with_finite_grads():
-    cfg = model_cfg("alibi")
+@pytest.mark.parametrize("attention_impl", ["einsum", "xla"])
+def test_all_padding_row_is_finite_with_finite_grads(attention_impl):
+    cfg = model_cfg("alibi", attention_impl=attention_impl)
     graphdef, params = nnx.split(Attention(cfg, rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 16)), jnp.float32)
     segments = jnp.asarray([[0, 0, 0, 0, 0], [1, 1, 0, 0, 0]], jnp.int32)
@@ -115,3 +121,11 @@ def test_all_padding_row_is_finite_with_finite_grads():
 def test_unknown_position_is_a_config_error():
     with pytest.raises(ConfigError, match="model.position"):
         Attention(model_cfg("sinusoid"), rngs=nnx.Rngs(0))
+
+
+def test_auto_attention_is_einsum_off_gpu_and_explicit_choices_pass_through():
+    assert jax.devices()[0].platform == "cpu"
+    assert resolve_attention_impl("auto", jnp.bfloat16) == "einsum"
+    assert resolve_attention_impl("auto", jnp.float32) == "einsum"
+    assert resolve_attention_impl("cudnn", jnp.float32) == "cudnn"
+    assert resolve_attention_impl("xla", jnp.bfloat16) == "xla"

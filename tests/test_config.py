@@ -21,6 +21,7 @@ BAD_CONFIGS = [
     ({"model.num_heads": 6, "model.embed_dim": 512}, "model.num_heads=6 does not divide model.embed_dim=512"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads=3"),
     ({"model.position": "xpos"}, "model.position"),
+    ({"model.attention_impl": "flash"}, "model.attention_impl"),
     ({"model.compute_dtype": "float16"}, "model.compute_dtype"),
     ({"data.seq_len": 2048}, "data.seq_len=2048 exceeds model.max_seq_len=1024"),
     ({"data.batch_size": 12}, "data.batch_size=12 is not divisible"),

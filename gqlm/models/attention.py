@@ -5,8 +5,11 @@ heads per kv head, K head dim.
 
 A token attends to earlier-or-equal tokens of its own segment only. Padding (segment 0) attends
 to earlier padding, so every row keeps at least its diagonal and never yields NaN; padding
-outputs are garbage that the loss mask drops. Attention is plain einsum (faster than
-`jax.nn.dot_product_attention` on XLA:CPU, see FACTS.md) with the softmax in float32.
+outputs are garbage that the loss mask drops. By default attention is plain einsum (faster than
+`jax.nn.dot_product_attention` on XLA:CPU, see FACTS.md) with the softmax in float32;
+`model.attention_impl=cudnn` (the `auto` default on GPUs in bfloat16) runs the fused cuDNN
+flash-attention kernel instead (causal by flag, the document mask as an additive bias), which
+never materialises [B, H, T, S] logits: 1.85x the 125M model's train step on one H100.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gqlm.models import positions as positions_lib
 from gqlm.models.layers import dtypes, normal_param, output_std
 
 _MASKED = -1e30  # finite, so a fully masked row could never produce NaN
+_MASKED_FUSED = -3e4  # fits fp16 too; exp(-3e4) underflows to 0 like the einsum path's -1e30
 
 
 def head_dims(cfg: ConfigDict) -> tuple[int, int, int]:
@@ -56,6 +60,29 @@ def dot_product_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Arra
     return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
+def resolve_attention_impl(impl: str, compute_dtype: jnp.dtype) -> str:
+    """`auto` -> cudnn on GPUs in bfloat16 (the fused kernel needs 16-bit inputs), else einsum."""
+    if impl != "auto":
+        return impl
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(compute_dtype) == jnp.bfloat16 else "einsum"
+
+
+def fused_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, segment_ids_BT: jax.Array,
+                    bias_BHTS: jax.Array | None, implementation: str) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention` (`implementation` cudnn or xla).
+
+    Causality is the kernel's flag; the segment mask becomes an additive bias (cuDNN takes masks
+    only that way), broadcast over heads unless a per-head bias (ALiBi) is added to it.
+    """
+    same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    bias = jnp.where(same_B1TS, 0.0, _MASKED_FUSED).astype(q_BTHK.dtype)
+    if bias_BHTS is not None:
+        bias = bias + bias_BHTS.astype(q_BTHK.dtype)
+    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, bias=jax.lax.stop_gradient(bias),
+                                        is_causal=True, implementation=implementation)
+
+
 class Attention(nnx.Module):
     """Projections q [D,H,K], k/v [D,G,K], o [H,K,D] around `dot_product_attention`."""
 
@@ -72,6 +99,7 @@ class Attention(nnx.Module):
             raise ConfigError(f"model.position={cfg.position!r} must be one of rope, alibi, none")
         self.position = cfg.position
         self.rope_theta = float(cfg.rope_theta)
+        self.attention_impl = resolve_attention_impl(cfg.get("attention_impl", "auto"), self.compute_dtype)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
@@ -85,5 +113,8 @@ class Attention(nnx.Module):
             k_BSGK = positions_lib.apply_rope(k_BSGK, positions_BT, self.rope_theta)
         elif self.position == "alibi":
             bias_BHTS = positions_lib.alibi_bias(q_BTHK.shape[2], positions_BT)
-        out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BT), bias_BHTS)
+        if self.attention_impl == "einsum":
+            out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BT), bias_BHTS)
+        else:
+            out_BTHK = fused_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, bias_BHTS, self.attention_impl)
         return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o[...].astype(cdt))

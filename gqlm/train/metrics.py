@@ -25,20 +25,26 @@ def device_peak_flops(override: float = 0.0) -> float | None:
     """Peak FLOP/s of one device: the override, the datasheet, or (CPU) a matmul measured now."""
     if override:
         return override
-    kind = jax.devices()[0].device_kind
-    known = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    known = datasheet_peak_flops(jax.devices()[0].device_kind)
     if known is None and jax.devices()[0].platform == "cpu":
         return measure_matmul_peak(n=1024, repeats=3) / jax.device_count()
     return known
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of an fp32 [n*devices, n] x [n, n] matmul with rows sharded over all local devices."""
+def datasheet_peak_flops(device_kind: str) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of one device of this kind, or None if unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
+    """FLOP/s of a [n*devices, n] x [n, n] matmul in `dtype` with rows sharded over all local
+    devices (random operands: constant ones can run faster than real data on GPUs)."""
     mesh = jax.make_mesh((jax.local_device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.local_devices())
-    a = jax.device_put(jnp.ones((n * jax.local_device_count(), n), jnp.float32),
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (n * jax.local_device_count(), n), dtype),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    b = jnp.ones((n, n), jnp.float32)
+    b = jax.random.normal(key_b, (n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     start = time.perf_counter()
