@@ -18,10 +18,12 @@ The reference keeps `exp_avg` in the rotated basis and, after every step, rotate
 the old basis and forward with the new one. Rotation is linear and the basis is orthogonal, so
 that is exactly `Q^T m Q` with m kept in the original space; we store m there, which needs no
 rotation at refreshes (the parity test runs the reference's rotated form against this one).
+Measured on the 8-device CPU mesh, keeping m rotated instead (one projection fewer per step, a
+rotation at refreshes) made the SOAP update ~1.5 CPU-s per step slower, not faster.
 The per-step math (statistics, projections, Adam in the eigenbasis) is `soap_split.rotated_step`,
 split over the mesh with explicit collectives. The decompositions of all parameters run in one
-`lax.switch` (keep / first eigh / QR refresh) over stacks of same-sized statistics split across
-the devices (see `update_bases`).
+`lax.switch` (keep / first eigh / QR refresh); the refresh branches stack same-sized statistics
+and split the stacks across the devices (see `update_bases`).
 
 Tensors of any rank get one statistic per dimension (mode-k unfoldings); dimensions larger
 than `max_precond_dim` use the identity; 1-D (and 0-D) parameters are plain Adam unless
@@ -39,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gqlm.optim.soap_split import rotated_step
+from gqlm.optim.soap_split import basis_spec, rotated_step
 
 Dims = tuple[tuple[int, ...], ...]
 
@@ -146,10 +148,10 @@ def _qr_refresh(s: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
 # eigh and QR cannot be partitioned inside one matrix, so under a mesh every device would repeat
 # every decomposition. Instead the same-sized statistics of all parameters are stacked and the
 # stack is split over all devices (padded with identities to a multiple of the device count): each
-# device decomposes its share, as distributed Shampoo does. The resharding happens outside the
-# conditional, so its branches hold no collective, and each device loops over its share with
-# unbatched LAPACK calls: on XLA:CPU with 8 devices on 2 cores, both collectives inside a
-# conditional and batched eigh/QR (which block a shared thread pool) deadlock.
+# device decomposes its share, as distributed Shampoo does, looping over it with unbatched LAPACK
+# calls (batched eigh/QR block XLA:CPU's shared thread pool and deadlocked 8 fake devices). The
+# stacking (an all-to-all of every statistic and basis) happens inside the refresh branches only,
+# so the 9 steps in 10 that keep their bases move nothing.
 
 
 def _spread(x_N: jax.Array) -> jax.Array:
@@ -163,6 +165,14 @@ def _spread(x_N: jax.Array) -> jax.Array:
         x_N = jnp.concatenate([x_N, eye])
     spec = jax.sharding.PartitionSpec(mesh.axis_names, None, None)
     return jax.lax.with_sharding_constraint(x_N, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _as_basis(q: jax.Array) -> jax.Array:
+    """q [d, d] laid out like the stored bases (columns split), whichever branch produced it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return q
+    return jax.lax.with_sharding_constraint(q, jax.sharding.NamedSharding(mesh, basis_spec(q.shape[0], mesh)))
 
 
 def _per_matrix(fn, *stacks_N: jax.Array):
@@ -187,28 +197,35 @@ def update_bases(branch: jax.Array, stats: list[tuple], bases: list[tuple]
     slots = [(p, k) for p, dims in enumerate(stats) for k, st in enumerate(dims) if st is not None]
     sizes = sorted({stats[p][k].shape[0] for p, k in slots})
     groups = [[(p, k) for p, k in slots if stats[p][k].shape[0] == d] for d in sizes]
-    stacks = [(_spread(jnp.stack([stats[p][k] for p, k in g])), _spread(jnp.stack([bases[p][k] for p, k in g])))
-              for g in groups]
 
-    def identity_order(q_N):
-        return jnp.broadcast_to(jnp.arange(q_N.shape[-1]), q_N.shape[:2])
+    def identity_orders():
+        return [tuple(None if q is None else jnp.arange(q.shape[0]) for q in dims) for dims in bases]
 
-    def keep(stacks):
-        return [(q_N, identity_order(q_N)) for _, q_N in stacks]
+    def keep(stats, bases):
+        return [tuple(dims) for dims in bases], identity_orders()
 
-    def first(stacks):
-        return [(_per_matrix(_eigenbasis, s_N), identity_order(q_N)) for s_N, q_N in stacks]
+    def decompose(per_group):
+        """A branch: stack each size group, split it over the devices, run `per_group` on each
+        (stats [N, d, d], bases [N, d, d]) -> (bases, orders), and put the results back."""
+        def branch_fn(stats, bases):
+            new_bases = [list(dims) for dims in bases]
+            orders = [list(o) for o in identity_orders()]
+            for g in groups:
+                s_N = _spread(jnp.stack([stats[p][k] for p, k in g]))
+                q_N = _spread(jnp.stack([bases[p][k] for p, k in g]))
+                q_N, order_N = per_group(s_N, q_N)
+                for n, (p, k) in enumerate(g):
+                    new_bases[p][k], orders[p][k] = _as_basis(q_N[n]), order_N[n]
+            return [tuple(b) for b in new_bases], [tuple(o) for o in orders]
+        return branch_fn
 
-    def refresh(stacks):
-        return [_per_matrix(_qr_refresh, s_N, q_N) for s_N, q_N in stacks]
+    def first(s_N, q_N):
+        return _per_matrix(_eigenbasis, s_N), jnp.broadcast_to(jnp.arange(q_N.shape[-1]), q_N.shape[:2])
 
-    results = jax.lax.switch(branch, [keep, first, refresh], stacks)
-    new_bases = [list(dims) for dims in bases]
-    orders = [[None] * len(dims) for dims in bases]
-    for g, (q_N, order_N) in zip(groups, results):
-        for n, (p, k) in enumerate(g):
-            new_bases[p][k], orders[p][k] = q_N[n], order_N[n]
-    return [tuple(b) for b in new_bases], [tuple(o) for o in orders]
+    def refresh(s_N, q_N):
+        return _per_matrix(_qr_refresh, s_N, q_N)
+
+    return jax.lax.switch(branch, [keep, decompose(first), decompose(refresh)], stats, bases)
 
 
 # ----------------------------------------------------------------------------- transforms
