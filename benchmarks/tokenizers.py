@@ -20,7 +20,9 @@ Tokenizers are built once into --tok_dir (BPE trained on the train split; VQ/GQ-
 and pretoken tables built from the checkpoints on the train split) and reused; a VQ/GQ-VAE
 directory saved before tables existed gets its table added (its encodings do not change). A vocabulary the checkpoint cannot fill
 is reported as an error row. Encode speed is given per wall second and per CPU-second of this
-process (time.process_time, XLA's threads included), as the 2 cores are shared. --reuse_measurements
+process (time.process_time, XLA's threads included), as the 2 cores are shared. VQ/GQ-VAE encoding
+spreads its model batches over this process's CPU devices, one per core at most (`--cpu_devices`,
+default 8 as in gqlm.train; `--cpu_devices=1` keeps it on one core); rows record `model_devices`. --reuse_measurements
 merges earlier runs' rows (e.g. one run per checkpoint) before the LM runs (finished ones are
 reused from --lm_dir). Writes --out (JSON) and the PNG beside it; prints a markdown table.
 """
@@ -34,6 +36,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
+import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -57,6 +60,8 @@ flags.DEFINE_integer("parallel", 2, "LM runs at a time")
 flags.DEFINE_list("reuse_measurements", [], "previous --out JSONs: take their tokenizer rows (the first of each "
                   "kind and size) instead of building/measuring those again")
 flags.DEFINE_string("out", "benchmarks/results/tokenizers.json", "JSON output (PNG beside it)")
+flags.DEFINE_integer("cpu_devices", 8, "CPU devices of this process (as gqlm.train's 8 fake devices): VQ/GQ-VAE "
+                     "encoding spreads its model batches over min(devices, cores); 1 = one core")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(_HERE)
@@ -122,7 +127,9 @@ def fresh(spec: str, **kwargs: Any) -> tuple[Any, float]:
 
 def timed_encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], float, float]:
     """(ids, wall seconds, this process's CPU seconds: on a shared machine, near the wall time an
-    idle one would take, as encoding mostly runs on one core)."""
+    idle one would take). Garbage left by earlier steps is collected first: a collection of it
+    inside the timed encode cost up to a third of the VQ-VAE's time."""
+    gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
     ids = tok.encode_batch(texts)
     return ids, time.perf_counter() - t0, time.process_time() - c0
@@ -131,6 +138,8 @@ def timed_encode(tok: Any, texts: list[str]) -> tuple[list[list[int]], float, fl
 def measure(spec: str, valid: list[str], train_head: str) -> dict[str, Any]:
     row: dict[str, Any] = {}
     if spec.startswith("gqvae:"):  # No saved table: every distinct pretoken runs the model.
+        from gqlm.tokenizers.gqvae.tokenizer import model_devices
+        row["model_devices"] = len(model_devices())
         bare, row["compile_s"] = fresh(spec, table=False)
         bare_ids, seconds, cpu = timed_encode(bare, valid)
         n_bytes = sum(len(t.encode("utf-8", "surrogateescape")) for t in valid)
@@ -224,6 +233,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)  # before the backend starts
     from absl import logging
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines drown the table
     data = base_config().data
@@ -239,7 +251,7 @@ def main(argv: list[str]) -> None:
     rows, specs = [], {}
     keep = ("kind", "requested_vocab", "spec", "vocab_size", "bytes_per_token", "encode_mb_s",
             "encode_mb_s_warm", "encode_mb_s_no_table", "encode_mb_cpu_s", "encode_mb_cpu_s_warm",
-            "encode_mb_cpu_s_no_table", "compile_s", "train_bytes_per_token", "error")
+            "encode_mb_cpu_s_no_table", "compile_s", "model_devices", "train_bytes_per_token", "error")
     reused = {}  # path -> its timing note (machine load while it measured)
     for path in FLAGS.reuse_measurements:
         with open(path) as f:
@@ -275,6 +287,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     meta = {"corpus": "shakespeare", "validation_bytes": sum(len(t.encode("utf-8", "surrogateescape")) for t in valid),
             "encode_timing": "whole validation split in one encode_batch; cold = fresh load, jit compiled first; "
+                             "VQ/GQ-VAE model batches spread over model_devices CPU devices (one per core at most); "
                              f"MB/s on the wall clock and per CPU-second of this process (time.process_time); "
                              f"machine load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at "
                              f"the end, on {os.cpu_count()} cores",

@@ -28,7 +28,18 @@ Variants (combinable with commas, e.g. `:v8k,codebook=4096`):
   where it is forced (pretoken piece ends, every `max_token_len` bytes), so the vocabulary is the
   most frequent pretokens (cut at 10 bytes); both models give the same vocabularies and encodings.
   With 16384 codes encoding is ~3x slower than with 4096 (the nearest-code search dominates).
+  Why the gate collapses: it is bistable and picks a side in the first ~10-20 steps, before the
+  decoder gives reconstruction any stake in where tokens end; the 3 x mean(g) pressure then drives
+  the inner gate logits to about -20 (sigmoid' ~ 1e-9, below Adam's epsilon: the gater is frozen).
+  Short CPU runs of `:v8k` (16,384 codes) to step 120-200: gate weight 3 (also with
+  `--config.gqvae.warmup_steps=0`) and 2 collapse to whole pieces (mean gate 0.26 = the forced
+  ends; at 2, ~1% of inner positions cut by step 200); weight 1 collapses the other way, to
+  1.2-byte tokens (mean gate 0.84, byte accuracy 1.0), and stays there after quantization starts.
+  The 4,096-code 400-step model escaped only after quantization began (few codes in use made
+  whole pieces costly to reconstruct); with `:v8k`'s re-seeding every 25 steps thousands of codes
+  are in use by step 200, so whole pieces stay cheap. No gate weight alone is a robust setting.
 - `codebook=N`: another codebook size, e.g. `:v8k,codebook=4096`.
+- `gate=W`: another `gqvae.gate_loss_weight` (the paper's 3), e.g. `:v8k,gate=2`.
 - `:smoke`: the same code path shrunk to seconds, for tests.
 """
 
@@ -66,11 +77,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             t.eval_every = t.checkpoint_every = 200
         elif part.startswith("codebook="):
             q.codebook_size = int(part[len("codebook="):])
+        elif part.startswith("gate="):
+            q.gate_loss_weight = float(part[len("gate="):])
         elif part == "smoke":
             q.embed_dim, q.num_heads, q.encoder_layers, q.gater_layers, q.mlp_dim = 16, 2, 1, 1, 32
             q.codebook_size, q.batch_size, q.warmup_steps, q.reseed_every = 64, 32, 5, 5
             t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 10, 10, 2, 10
             t.progress = False
         else:
-            raise ValueError(f"unknown variant {part!r} in {arg!r} (known, combinable with commas: vqvae, v8k, codebook=N, smoke)")
+            raise ValueError(f"unknown variant {part!r} in {arg!r} (known, combinable with commas: vqvae, v8k, codebook=N, gate=W, smoke)")
     return config

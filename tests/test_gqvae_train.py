@@ -99,6 +99,8 @@ def test_experiment_smoke_variant_trains(tmp_path):
     assert load_experiment("experiments/gqvae_shakespeare.py:v8k").gqvae.codebook_size >= 2 * 8192
     both = load_experiment("experiments/gqvae_shakespeare.py:v8k,codebook=4096").gqvae
     assert (both.codebook_size, both.batch_size, both.reseed_every) == (4096, 256, 25)
+    gate = load_experiment("experiments/gqvae_shakespeare.py:v8k,gate=1.5").gqvae
+    assert (gate.gate_loss_weight, gate.codebook_size) == (1.5, 16384)
     with pytest.raises(ValueError, match="'nope'"):
         load_experiment("experiments/gqvae_shakespeare.py:v8k,nope")
     config = load_experiment("experiments/gqvae_shakespeare.py:smoke")

@@ -22,8 +22,9 @@ BYTE_PAD = 256  # the byte-embedding id of padding positions
 
 
 def pretokens(text: str) -> list[str]:
-    """GPT-2 pretokens of `text`; their concatenation is `text`."""
-    return GPT2_PATTERN.findall(text)
+    """GPT-2 pretokens of `text`; their concatenation is `text`. The GIL is released meanwhile,
+    so a worker thread (the tokenizer's model) runs alongside."""
+    return GPT2_PATTERN.findall(text, concurrent=True)
 
 
 def split_piece(data: bytes, max_len: int) -> list[bytes]:

@@ -1,17 +1,19 @@
 """GQVAETokenizer: segments text with a trained GQ-VAE's gate; lossless byte fallback.
 
 Ids: 0..255 the bytes, 256 bos, 257 eos, 258 pad, then the learned tokens (multi-byte strings).
-`encode` cuts the text into GPT-2 pretokens; each pretoken's ids come from a store
+`encode` cuts each text into GPT-2 pretokens; each pretoken's ids come from a store
 (`PretokenIds`: one dict lookup per pretoken, then one NumPy gather for the whole text) that starts
 as the table of the training text's pretokens saved with the tokenizer (`pretokens.npz`). Only the
-distinct misses run the model: each is cut into pieces of at most `max_pretoken_len` bytes; pieces
-are grouped by padded length (`BUCKETS`: every length up to 16, so little padding is computed) into
-fixed [POSITIONS // T, T] batches, so a piece always meets the same compiled shape whatever else is
-encoded, and every batch is dispatched before any result is read. The encoder + quantizer + gater
-cut each piece where the gate exceeds 0.5 (and at most every `max_token_len` bytes). A segment in
-the vocabulary is one id; any other segment is spelled with the longest vocabulary strings that
-prefix what is left of it, else single bytes, so every text round-trips. Cost: the model (its
-nearest-code search is 2 x embed_dim x codebook_size FLOPs per byte) on the unseen pretokens.
+distinct misses run the model: each is cut into pieces of at most `max_pretoken_len` bytes, which a
+`PieceRunner` groups by length (`BUCKETS`: every length up to 16, so little padding is computed)
+into batches of one fixed shape per length, so a piece's result does not depend on what else is
+encoded. Batches are dispatched from a worker thread as they fill, while the next texts are
+pretokenized (the regex releases the GIL), and spread over the CPU devices, one per core at most. The encoder + quantizer + gater cut each piece where the gate exceeds 0.5 (and
+at most every `max_token_len` bytes); encoding fetches the cuts alone (codes are only the gater's
+input), and with fixed gates (the VQ-VAE baseline) computes them without the model. A segment in the vocabulary is one id; any other segment is spelled with the longest
+vocabulary strings that prefix what is left of it, else single bytes, so every text round-trips.
+Cost: the model on the unseen pretokens, compute-bound on CPU: ~1 MFLOP per byte position for
+4,096 codes, half of it the nearest-code search (2 x embed_dim x codebook_size FLOPs).
 
 The vocabulary (`build`): the model segments every pretoken of `texts` (gate + codebook: the gater
 reads the quantized vectors); every distinct multi-byte segment is a candidate, counted once per
@@ -39,18 +41,18 @@ from gqlm.config import ConfigDict, ConfigError
 from gqlm.tokenizers.base import (TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
 from gqlm.tokenizers.gqvae.model import GQVAE, finalize_gates, fixed_gates, hard_boundaries, valid_mask
+from gqlm.tokenizers.gqvae.piece_runner import PieceRunner, rows_for
 from gqlm.tokenizers.gqvae.pretoken_store import PretokenIds
 from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, pretokens, split_piece
 from gqlm.tokenizers.gqvae.train import config_from_dict, load_checkpoint, make_model, split_params
 
 KIND = "gqvae"
-FORMAT_VERSION = 2  # 2: exact-length buckets of POSITIONS=256 (1's 512-position buckets could round differently)
+FORMAT_VERSION = 2  # 2: exact-length buckets (piece_runner; 1's 512-position buckets could round differently)
 PARAMS_FILE = "params.npz"
 TABLE_FILE = "pretokens.npz"  # optional: directories without it encode the same, only slower
 NUM_SPECIAL = 3
 FIRST_LEARNED = 256 + NUM_SPECIAL
 BUCKETS = tuple(range(1, 17)) + (24, 32, 48, 64)  # padded piece lengths (+ max_pretoken_len)
-POSITIONS = 256  # byte positions per model call: as fast per position as 512, less padding in last batches
 MAX_CACHE = 1_000_000  # pretokens remembered at run time, beyond the saved table
 MAX_TABLE = 200_000  # most frequent pretokens of the build texts whose ids are saved
 ENCODING = "exact-bucketed-gate-segments+longest-prefix-fallback"  # in the fingerprint: cached token streams follow it
@@ -111,8 +113,9 @@ class GQVAETokenizer:
         self._bucket_of = [next(b for b in self._buckets if b >= n) for n in range(cfg.max_pretoken_len + 1)]
         every = cfg.fixed_gate_every
         self._segment = _jitted_segmenter(graphdef, cfg.max_token_len, every, False)
-        # Fixed gates do not depend on the model: encoding then skips it (XLA drops the unused encoder).
-        self._ends = _jitted_segmenter(graphdef, cfg.max_token_len, every, True) if every else None
+        # Cuts alone: with fixed gates they do not depend on the model (XLA drops the unused encoder).
+        self._ends = _jitted_segmenter(graphdef, cfg.max_token_len, every, True)
+        self._params_per_device: list[Any] | None = None  # placed on first use
         self._base_fingerprint = (KIND, str(FORMAT_VERSION), ENCODING, repr(sorted(cfg.to_dict().items())),
                                   b"\0".join(self.tokens), _params_digest(self.params))
         self._fingerprint = ""
@@ -187,51 +190,49 @@ class GQVAETokenizer:
 
     def _segment_pretokens(self, items: Sequence[str], codes: bool = True) -> dict[str, list[tuple[bytes, int]]]:
         """Each pretoken -> its segments (byte string, code at the segment's last byte; -1 with
-        `codes=False` when the gates are fixed, as the model is then skipped)."""
-        owners, chunks = [], []
-        for i, p in enumerate(items):
-            for c in split_piece(text_to_bytes(p), self.cfg.max_pretoken_len):
-                owners.append(i)
-                chunks.append(c)
-        out: dict[str, list[tuple[bytes, int]]] = {p: [] for p in items}
-        for piece, owner, (ends, piece_codes) in zip(chunks, owners, self._run_pieces(chunks, codes)):
-            segs, prev = out[items[owner]], 0
-            for end, code in zip(ends, piece_codes):
-                segs.append((piece[prev:end + 1], code))
-                prev = end + 1
+        `codes=False`: the cuts alone are fetched, and with fixed gates the model is skipped)."""
+        with self._runner(codes) as runner:
+            owned = [(p, self._queue(runner, p)) for p in items]
+            return self._collect(owned, runner.results())
+
+    def _queue(self, runner: PieceRunner, pretoken: str) -> list[tuple[bytes, int]]:
+        """Queues the pieces of `pretoken`; returns (piece, runner index) for each."""
+        return [(c, runner.add(c)) for c in split_piece(text_to_bytes(pretoken), self.cfg.max_pretoken_len)]
+
+    def _collect(self, owned: list[tuple[str, list[tuple[bytes, int]]]],
+                 results: list[tuple[list[int], list[int]]]) -> dict[str, list[tuple[bytes, int]]]:
+        """pretoken -> segments, from its (piece, runner index) pairs and the runner's results."""
+        out: dict[str, list[tuple[bytes, int]]] = {}
+        for p, pieces in owned:
+            segs = out[p] = []
+            for piece, index in pieces:
+                prev = 0
+                for end, code in zip(*results[index]):
+                    segs.append((piece[prev:end + 1], code))
+                    prev = end + 1
         return out
 
-    def _run_pieces(self, chunks: Sequence[bytes], codes: bool) -> list[tuple[list[int], list[int]]]:
-        """For each piece: (the positions where its segments end, the codes there). A piece's
-        batch shape depends on its length alone; all batches are dispatched before any is read."""
-        groups: dict[int, list[int]] = collections.defaultdict(list)
-        for i, c in enumerate(chunks):
-            groups[self._bucket_of[len(c)]].append(i)
-        fn = self._segment if codes or self._ends is None else self._ends
-        pending = []
-        for length, members in sorted(groups.items()):
-            rows = max(1, POSITIONS // length)
-            for start in range(0, len(members), rows):
-                part = members[start:start + rows]
-                bytes_RT, lengths_R = pack_pieces([chunks[i] for i in part], length, rows)
-                pending.append((part, fn(self.params, bytes_RT, lengths_R)))
-        out: list[Any] = [None] * len(chunks)
-        for part, result in pending:
-            ends_RT, codes_RT = jax.device_get(result) if fn is self._segment else (jax.device_get(result), None)
-            rows_E, cols_E = np.nonzero(ends_RT[:len(part)])
-            picked = codes_RT[rows_E, cols_E].tolist() if codes_RT is not None else [-1] * len(cols_E)
-            bounds = np.searchsorted(rows_E, np.arange(len(part) + 1)).tolist()
-            cols = cols_E.tolist()
-            for r, i in enumerate(part):
-                out[i] = (cols[bounds[r]:bounds[r + 1]], picked[bounds[r]:bounds[r + 1]])
-        return out
+    def _runner(self, codes: bool) -> PieceRunner:
+        """Codes only come with the cuts when asked for: encoding needs the cuts alone, and with
+        fixed gates those need no model (NumPy, exactly `hard_boundaries` of `fixed_gates`)."""
+        if not codes and self.cfg.fixed_gate_every:
+            return PieceRunner(functools.partial(_fixed_cuts, every=self.cfg.fixed_gate_every), [None],
+                               self._bucket_of, with_codes=False, threaded=False)
+        if self._params_per_device is None:
+            self._params_per_device = [jax.device_put(self.params, d) for d in model_devices()]
+        return PieceRunner(self._segment if codes else self._ends, self._params_per_device, self._bucket_of,
+                           with_codes=codes)
 
     def precompile(self) -> None:
-        """Compiles encoding's batch shapes now (its first calls would otherwise)."""
-        fn = self._segment if self._ends is None else self._ends
-        for length in self._buckets:
-            bytes_RT, lengths_R = pack_pieces([], length, max(1, POSITIONS // length))
-            jax.block_until_ready(fn(self.params, bytes_RT, lengths_R))
+        """Compiles encoding's batch shapes on each of the model's devices now (its first calls
+        would otherwise); fixed gates compile nothing."""
+        if self.cfg.fixed_gate_every:
+            return
+        self._runner(False)  # places the parameters
+        for params in self._params_per_device:
+            for length in self._buckets:
+                bytes_RT, lengths_R = pack_pieces([], length, rows_for(length))
+                jax.block_until_ready(self._ends(params, bytes_RT, lengths_R))
 
     # ------------------------------------------------------------------------- encoding
 
@@ -268,18 +269,27 @@ class GQVAETokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        store = self._store
-        pts_list = [pretokens(t) for t in texts]
-        slots_list = [store.lookup(pts) for pts in pts_list]
-        unknown = [np.flatnonzero(slots < 0) for slots in slots_list]
-        missing = sorted({pts[i] for pts, where in zip(pts_list, unknown) for i in where.tolist()})
-        if missing:  # sorted: the same batches whatever the set order
+        """Pretokens missing from the store are queued for the model as each text is
+        pretokenized, so the model runs while the next texts are; their ids join the store in
+        sorted order (the same cache whatever the texts' order)."""
+        store, texts_slots, queued = self._store, [], {}
+        with self._runner(False) as runner:
+            for text in texts:
+                pts = pretokens(text)
+                slots = store.lookup(pts)
+                where = np.flatnonzero(slots < 0).tolist()
+                for i in where:
+                    if pts[i] not in queued:
+                        queued[pts[i]] = self._queue(runner, pts[i])
+                texts_slots.append((pts, slots, where))
+            segments = self._collect(sorted(queued.items()), runner.results()) if queued else {}
+        if segments:
             before = len(store)
-            store.add(self._model_ids(missing))
-            for pts, slots, where in zip(pts_list, slots_list, unknown):
-                slots[where] = [store.slot[pts[i]] for i in where.tolist()]
-        out = [self._checked(t, store.gather(slots)) for t, slots in zip(texts, slots_list)]
-        if missing and len(store) - self._n_table > MAX_CACHE:  # Bounded: keep what fits, in sorted order.
+            store.add({p: self._ids(segs) for p, segs in segments.items()})
+            for pts, slots, where in texts_slots:
+                slots[where] = [store.slot[pts[i]] for i in where]
+        out = [self._checked(t, store.gather(slots)) for t, (_, slots, _) in zip(texts, texts_slots)]
+        if segments and len(store) - self._n_table > MAX_CACHE:  # Bounded: keep what fits, in sorted order.
             store.truncate(max(before, self._n_table + MAX_CACHE))
         return out
 
@@ -359,6 +369,25 @@ def _jitted_segmenter(graphdef: nnx.GraphDef, max_token_len: int, fixed_gate_eve
         out = segment_pieces(nnx.merge(graphdef, params), bytes_BT, lengths_B, max_token_len, fixed_gate_every)
         return out[0] if ends_only else out
     return jax.jit(run)
+
+
+def _fixed_cuts(params: Any, bytes_RL: np.ndarray, lengths_R: np.ndarray, every: int) -> np.ndarray:
+    """The fixed-gate baseline's token ends [R, L]: every `every` bytes and at each piece's last
+    byte (`every` <= max_token_len, so the length cap adds none)."""
+    del params
+    t_1L = np.arange(bytes_RL.shape[1])[None, :]
+    inside_RL = t_1L < lengths_R[:, None]
+    return inside_RL & (((t_1L + 1) % every == 0) | (t_1L == lengths_R[:, None] - 1))
+
+
+def model_devices() -> list[Any]:
+    """Where the model runs: with a CPU backend, one device per core at most (batches spread
+    over them run in parallel; XLA:CPU runs one device's calls one after another); otherwise
+    the default device."""
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        return devices[:1]
+    return devices[:max(1, min(len(devices), os.cpu_count() or 1))]
 
 
 def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:
