@@ -105,7 +105,9 @@ def test_eval_batches(config):
     np.testing.assert_array_equal(rows[real], tokens[:-1])
     mask = np.concatenate([b["loss_mask"] for b in batches])
     assert mask.sum() == np.sum(docs[1:] == docs[:-1])
-    assert (mask[-1] == 0).all() or len(batches) * BATCH * SEQ == len(tokens) - 1
+    # The last batch is padded (segment 0) where the stream runs out; padding carries no loss.
+    # (Which files land in validation depends on their paths, so the padding's size varies.)
+    assert real.sum() == len(tokens) - 1 and (mask[~real] == 0).all()
     assert_same(pipeline.make_eval_batches(config, TOK, "validation", num_batches=1), batches[:1])
     halves = [pipeline.make_eval_batches(config, TOK, "validation", 1, p, 2)[0] for p in range(2)]
     for k in KEYS:
