@@ -50,7 +50,7 @@ from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global
 from gqlm.eval.bpb import evaluate  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
 from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step  # noqa: E402
-from gqlm.train.timing import TrainStepTimer, time_rounds, write_results  # noqa: E402
+from gqlm.train.timing import TrainStepTimer, mesh_overrides, parse_mesh, time_rounds, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ZOO = ("adamw", "lion", "signum", "adafactor", "sgd", "adalayer", "soap")
@@ -78,14 +78,13 @@ FLAGS = flags.FLAGS
 def optimizer_config(name: str, mesh: tuple[int, int, int]) -> config_lib.ConfigDict:
     """The `--experiment` model with optimizer `name` on `mesh` (data, fsdp, tensor)."""
     config = config_lib.load_experiment(os.path.join(ROOT, FLAGS.experiment))
-    data, fsdp, tensor = mesh
     extra = dict(item.split("=", 1) for item in FLAGS.set if "=" in item)
     if len(extra) != len(FLAGS.set):
         raise app.UsageError(f"--set entries must be KEY=VALUE, got {FLAGS.set}")
     return config_lib.apply_overrides(config, {
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
-        "mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor),
-        "optimizer.name": name, "optimizer.warmup_steps": "1", "optimizer.precondition_frequency": "10", **extra})
+        **mesh_overrides(mesh), "optimizer.name": name, "optimizer.warmup_steps": "1",
+        "optimizer.precondition_frequency": "10", **extra})
 
 
 def run_step_time() -> dict[str, Any]:
@@ -96,9 +95,7 @@ def run_step_time() -> dict[str, Any]:
     result = {"model": FLAGS.experiment, "overrides": FLAGS.set, "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
               "steps": FLAGS.steps, "rounds": FLAGS.rounds, "precondition_frequency": 10, "meshes": {}}
     for mesh_text in FLAGS.meshes:
-        mesh = tuple(int(x) for x in mesh_text.split("x"))
-        if len(mesh) != 3:
-            raise app.UsageError(f"--meshes entry {mesh_text!r} is not DATAxFSDPxTENSOR")
+        mesh = parse_mesh(mesh_text)
         timers = {name: TrainStepTimer(optimizer_config(name, mesh), FLAGS.steps) for name in ["adamw"] + names}
         for timer in timers.values():
             timer.run(2)  # compilation, and SOAP's statistics-only first call

@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
 from gqlm.train.metrics import datasheet_peak_flops, measure_matmul_peak  # noqa: E402
-from gqlm.train.timing import time_train_steps, write_results  # noqa: E402
+from gqlm.train.timing import mesh_overrides, parse_mesh, time_train_steps, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
@@ -58,23 +58,14 @@ MODELS.update({
     "125m_bf16_cudnn": ("experiments/dense_125m.py", {**_GPU, "model.attention_impl": "cudnn"}),
     "350m_bf16_cudnn": ("experiments/dense.py:350m", {**_GPU, "model.attention_impl": "cudnn"}),
     "moe_8x125m_bf16_cudnn": ("experiments/moe_8x125m.py", {**_GPU, "model.attention_impl": "cudnn",
-                                                             "mesh.data": "-1", "mesh.expert": "1"}),
+                                                             "mesh.expert": "1"}),
 })
 
 
 def measure_training(experiment: str, overrides: dict[str, str], mesh: tuple[int, int, int], steps: int) -> dict:
     config = config_lib.load_experiment(os.path.join(ROOT, experiment))
-    data, fsdp, tensor = mesh
-    config = config_lib.apply_overrides(config, {**overrides, "mesh.data": str(data), "mesh.fsdp": str(fsdp),
-                                                 "mesh.tensor": str(tensor), "optimizer.warmup_steps": "1"})
+    config = config_lib.apply_overrides(config, {**overrides, **mesh_overrides(mesh), "optimizer.warmup_steps": "1"})
     return time_train_steps(config, steps)
-
-
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    mesh = tuple(int(x) for x in text.split("x")) if text.replace("x", "").isdigit() else ()
-    if len(mesh) != 3:
-        raise app.UsageError(f"--meshes entry {text!r} is not DATAxFSDPxTENSOR")
-    return mesh
 
 
 def launch_to_first_step(cache_dir: str) -> float:

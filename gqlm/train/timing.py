@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+from absl import app
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict
@@ -84,6 +85,19 @@ def time_rounds(timers: Sequence[Any], steps: int, rounds: int) -> list[list[flo
         for i, timer in enumerate(timers):
             times[i].append(timer.run(steps))
     return times
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """A benchmark's `--meshes` entry DATAxFSDPxTENSOR (e.g. 1x8x1); a usage error otherwise."""
+    mesh = tuple(int(x) for x in text.split("x")) if text.replace("x", "").isdigit() else ()
+    if len(mesh) != 3:
+        raise app.UsageError(f"--meshes entry {text!r} is not DATAxFSDPxTENSOR")
+    return mesh
+
+
+def mesh_overrides(mesh: tuple[int, int, int]) -> dict[str, str]:
+    """Config overrides putting an experiment on the (data, fsdp, tensor) mesh."""
+    return {f"mesh.{axis}": str(size) for axis, size in zip(("data", "fsdp", "tensor"), mesh)}
 
 
 def write_results(path: str, results: dict[str, Any]) -> None:
