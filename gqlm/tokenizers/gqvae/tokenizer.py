@@ -8,10 +8,12 @@ distinct misses run the model: each is cut into pieces of at most `max_pretoken_
 `PieceRunner` groups by length (`BUCKETS`: every length up to 16, so little padding is computed)
 into batches of one fixed shape per length, so a piece's result does not depend on what else is
 encoded. Batches are dispatched from a worker thread as they fill, while the next texts are
-pretokenized (the regex releases the GIL), and spread over the CPU devices, one per core at most. The encoder + quantizer + gater cut each piece where the gate exceeds 0.5 (and
-at most every `max_token_len` bytes); encoding fetches the cuts alone (codes are only the gater's
-input), and with fixed gates (the VQ-VAE baseline) computes them without the model. A segment in the vocabulary is one id; any other segment is spelled with the longest
-vocabulary strings that prefix what is left of it, else single bytes, so every text round-trips.
+pretokenized (the regex releases the GIL), and spread over the CPU devices, one per core at most.
+The encoder + quantizer + gater cut each piece where the gate exceeds 0.5 (and at most every
+`max_token_len` bytes); encoding fetches the cuts alone (codes are only the gater's input), and
+with fixed gates (the VQ-VAE baseline) computes them without the model. A segment in the
+vocabulary is one id; any other segment is spelled with the longest vocabulary strings that
+prefix what is left of it, else single bytes, so every text round-trips.
 Cost: the model on the unseen pretokens, compute-bound on CPU: ~1 MFLOP per byte position for
 4,096 codes, half of it the nearest-code search (2 x embed_dim x codebook_size FLOPs).
 
