@@ -49,7 +49,7 @@ gqvae() {  # gqvae NAME EXPERIMENT OVERRIDES...: train, then send back its param
     --config.train.steps=100000 --config.train.checkpoint_every=500 --config.train.eval_every=500 \
     --config.train.log_every=100 --config.train.progress=false "$@"
   # The runner's checkpoint is mostly optimizer state; the parameters alone, in the format
-  # gqlm.tokenizers.gqvae.checkpoint also reads, are what a tokenizer is built from.
+  # gqlm.train.tasks.gqvae.checkpoint also reads, are what a tokenizer is built from.
   python3 benchmarks/gqvae_export.py "/tmp/$name" "/tmp/export/$name" >>"$LOGS/$name.log" 2>&1 \
     && tar -C /tmp/export -czf "$OUT/$name.tgz" "$name" && ls -la "$OUT/$name.tgz"
 }

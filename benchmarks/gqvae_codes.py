@@ -37,7 +37,7 @@ def main(argv) -> None:
     from gqlm.data.corpora import load_documents
     from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
     from gqlm.train.loop import train
-    from gqlm.train.timing import write_results
+    from timing import write_results
 
     config = load_experiment(f"experiments/gqvae_shakespeare.py:{FLAGS.variant}")
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv) -> None:
     start = time.perf_counter()
     sizes = [1024, 4096, 8192]
     stats: dict = {}
-    built = GQVAETokenizer.build_many(FLAGS.workdir, sizes, texts, strict=False, stats=stats)
+    built = GQVAETokenizer.build_many(*load_checkpoint(FLAGS.workdir), sizes, texts, strict=False, stats=stats)
     build_s = time.perf_counter() - start
     buildable = {v: not isinstance(t, Exception) for v, t in built.items()}
     for v, t in built.items():

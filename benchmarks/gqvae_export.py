@@ -4,7 +4,7 @@
 
 The runner's checkpoint holds the optimizer state and the re-seeding buffer too (~3x the
 parameters); a model trained on a lent machine travels back as OUT_DIR (`gqvae.json` + orbax
-`params`, the format `gqlm.tokenizers.gqvae.checkpoint` reads besides workdirs) + metrics.jsonl.
+`params`, the format `gqlm.train.tasks.gqvae.checkpoint` reads besides workdirs) + metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import sys
 
 import orbax.checkpoint as ocp
 
-from gqlm.tokenizers.gqvae.checkpoint import LEGACY_KIND, LEGACY_MANIFEST, load_checkpoint
+from gqlm.train.tasks.gqvae.checkpoint import LEGACY_KIND, LEGACY_MANIFEST, load_checkpoint
 
 
 def export(workdir: str, out: str) -> None:
-    cfg, _, params = load_checkpoint(workdir)
+    cfg, params = load_checkpoint(workdir)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, LEGACY_MANIFEST), "w") as f:

@@ -48,9 +48,10 @@ from gqlm import mesh as mesh_lib  # noqa: E402
 from gqlm.models.layers import Mlp  # noqa: E402
 from gqlm.models.moe import MoeMLP  # noqa: E402
 from gqlm.models.flops import flops_per_token  # noqa: E402
-from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
+from gqlm.tokenizers import load_tokenizer  # noqa: E402
 from gqlm.train.experiment import resolve_vocab  # noqa: E402
-from gqlm.train.timing import TrainStepTimer, time_rounds, write_results  # noqa: E402
+from gqlm.train.tasks.lm import LMTask  # noqa: E402
+from timing import TrainStepTimer, time_rounds, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 5, "Timed steps per case per round (after 2 warm-up steps).")
 flags.DEFINE_integer("rounds", 3, "Timing rounds over all cases of a section (the best round counts).")
@@ -129,7 +130,7 @@ class TrainCase(TrainStepTimer):
 
     def __init__(self, experiment: str, overrides: dict[str, str]):
         config = config_lib.load_experiment(os.path.join(ROOT, experiment))
-        super().__init__(config_lib.apply_overrides(config, {**overrides, "optimizer.warmup_steps": "1"}),
+        super().__init__(config_lib.apply_override_strings(config, {**overrides, "optimizer.warmup_steps": "1"}),
                          FLAGS.steps)
 
     def max_load(self) -> float | None:
@@ -156,10 +157,10 @@ def measure_quality(experiment: str, steps: int) -> dict:
                  "train.eval_batches": FLAGS.eval_batches,
                  "train.log_every": max(1, steps // 5), "train.sample_tokens": 0, "train.progress": False,
                  "optimizer.warmup_steps": max(1, steps // 10)}
-    config = config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+    config = config_lib.apply_overrides(config, dict(overrides))
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        metrics = train(config, workdir)
+        metrics = train(config, workdir, LMTask())
         seconds = time.perf_counter() - start
     cfg = resolve_vocab(config, load_tokenizer(config.data.tokenizer)).model
     return {"validation_loss": metrics["loss"], "validation_bpb": metrics["bpb"], "steps": steps,

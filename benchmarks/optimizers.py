@@ -47,10 +47,11 @@ from absl import app, flags  # noqa: E402
 from gqlm import config as config_lib  # noqa: E402
 from gqlm import mesh as mesh_lib  # noqa: E402
 from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global  # noqa: E402
-from gqlm.eval.bpb import evaluate  # noqa: E402
+from gqlm.train.evaluation import evaluate  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
 from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step  # noqa: E402
-from gqlm.train.timing import TrainStepTimer, mesh_overrides, parse_mesh, time_rounds, write_results  # noqa: E402
+from gqlm.train.tasks.lm import LMTask  # noqa: E402
+from timing import TrainStepTimer, mesh_overrides, parse_mesh, time_rounds, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ZOO = ("adamw", "lion", "signum", "adafactor", "sgd", "adalayer", "soap")
@@ -81,7 +82,7 @@ def optimizer_config(name: str, mesh: tuple[int, int, int]) -> config_lib.Config
     extra = dict(item.split("=", 1) for item in FLAGS.set if "=" in item)
     if len(extra) != len(FLAGS.set):
         raise app.UsageError(f"--set entries must be KEY=VALUE, got {FLAGS.set}")
-    return config_lib.apply_overrides(config, {
+    return config_lib.apply_override_strings(config, {
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
         **mesh_overrides(mesh), "optimizer.name": name, "optimizer.warmup_steps": "1",
         "optimizer.precondition_frequency": "10", **extra})
@@ -137,10 +138,10 @@ def step_time_table(result: dict[str, Any]) -> str:
 def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
     """Validation-loss curve of one run of experiments/soap_vs_adamw.py."""
     spec = os.path.join(ROOT, f"experiments/soap_vs_adamw.py:{optimizer},lr={lr}")
-    config = config_lib.apply_overrides(config_lib.load_experiment(spec), {
+    config = config_lib.apply_override_strings(config_lib.load_experiment(spec), {
         "train.steps": str(FLAGS.train_steps),
         "optimizer.warmup_steps": str(max(1, FLAGS.train_steps // 10))})
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     cfg = exp.config
     step, sharding = jit_train_step(exp), mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     eval_step = jit_eval_step(exp)

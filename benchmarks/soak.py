@@ -32,6 +32,7 @@ from gqlm.data.pipeline import make_train_iterator  # noqa: E402
 from gqlm.train import checkpoint as ckpt_lib  # noqa: E402
 from gqlm.train import loop  # noqa: E402
 from gqlm.train.experiment import build_experiment  # noqa: E402
+from gqlm.train.tasks.lm import LMTask  # noqa: E402
 
 flags.DEFINE_string("config", "experiments/tiny_cpu.py:smoke", "Experiment to soak (the demo, shrunk).")
 flags.DEFINE_integer("steps", 2000, "Training steps.")
@@ -83,9 +84,9 @@ class Probe:
 
 def time_restore(config, workdir: str, verify: bool) -> tuple[int, float]:
     """Seconds to restore the latest checkpoint of `workdir` (fresh manager, as a resumed run does)."""
-    config = config_lib.apply_overrides(config.copy_and_resolve_references(),
+    config = config_lib.apply_override_strings(config.copy_and_resolve_references(),
                                         {"train.verify_checkpoints": str(verify)})
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     data_iter = make_train_iterator(exp.config, exp.tokenizer)
     with jax.set_mesh(exp.mesh), ckpt_lib.Checkpointer(workdir, exp.config.train) as checkpointer:
         start = time.perf_counter()
@@ -99,7 +100,7 @@ def dir_bytes(path: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-    config = config_lib.apply_overrides(config_lib.load_experiment(FLAGS.config), {
+    config = config_lib.apply_override_strings(config_lib.load_experiment(FLAGS.config), {
         "train.steps": str(FLAGS.steps), "train.checkpoint_every": str(FLAGS.checkpoint_every),
         "train.eval_every": str(FLAGS.eval_every), "train.log_every": str(FLAGS.sample_every),
         "train.sample_tokens": "0", "train.progress": "False"})

@@ -43,9 +43,11 @@ from absl import app, flags  # noqa: E402
 from gqlm import config as config_lib  # noqa: E402
 from gqlm.eval.synthetic_eval import accuracy_by_length  # noqa: E402
 from gqlm.models.flops import count_params, flops_per_token  # noqa: E402
-from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
-from gqlm.train.experiment import resolve_vocab, restore_trained  # noqa: E402
-from gqlm.train.timing import write_results  # noqa: E402
+from gqlm.tokenizers import load_tokenizer  # noqa: E402
+from gqlm.train.checkpoint import restore_trained  # noqa: E402
+from gqlm.train.experiment import resolve_vocab  # noqa: E402
+from gqlm.train.tasks.lm import LMTask  # noqa: E402
+from timing import write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments/synthetic_tasks.py")
@@ -70,10 +72,10 @@ def case_config(task: str, option: str) -> config_lib.ConfigDict:
     config = config_lib.load_experiment(f"{EXPERIMENT}:{','.join(filter(None, (task, 'bench', option)))}")
     if FLAGS.steps:
         steps = str(FLAGS.steps)
-        config = config_lib.apply_overrides(config, {"train.steps": steps, "train.eval_every": steps,
+        config = config_lib.apply_override_strings(config, {"train.steps": steps, "train.eval_every": steps,
                                                      "train.checkpoint_every": steps})
     if FLAGS.phonebook_size:
-        config = config_lib.apply_overrides(config, {"data.synthetic_phonebook_size": str(FLAGS.phonebook_size)})
+        config = config_lib.apply_override_strings(config, {"data.synthetic_phonebook_size": str(FLAGS.phonebook_size)})
     return config
 
 
@@ -94,9 +96,9 @@ def run_case(name: str, task: str, option: str) -> dict[str, Any]:
     lengths = eval_lengths(task, config.data.synthetic_max_len)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        metrics = train(config, workdir)
+        metrics = train(config, workdir, LMTask())
         train_s = time.perf_counter() - start
-        exp, step, state = restore_trained(workdir)
+        exp, step, state = restore_trained(workdir, LMTask())
         with jax.set_mesh(exp.mesh):
             by_length = accuracy_by_length(exp, state.params, lengths, FLAGS.eval_batches)
     params = count_params(model)

@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 
 from gqlm import config as config_lib  # noqa: E402
 from gqlm.train.metrics import datasheet_peak_flops, measure_matmul_peak  # noqa: E402
-from gqlm.train.timing import mesh_overrides, parse_mesh, time_train_steps, write_results  # noqa: E402
+from timing import mesh_overrides, parse_mesh, time_train_steps, write_results  # noqa: E402
 
 flags.DEFINE_integer("steps", 8, "Timed steps per case (after 2 warm-up steps).")
 flags.DEFINE_string("out", "benchmarks/results/throughput.json", "JSON output.")
@@ -64,7 +64,7 @@ MODELS.update({
 
 def measure_training(experiment: str, overrides: dict[str, str], mesh: tuple[int, int, int], steps: int) -> dict:
     config = config_lib.load_experiment(os.path.join(ROOT, experiment))
-    config = config_lib.apply_overrides(config, {**overrides, **mesh_overrides(mesh), "optimizer.warmup_steps": "1"})
+    config = config_lib.apply_override_strings(config, {**overrides, **mesh_overrides(mesh), "optimizer.warmup_steps": "1"})
     return time_train_steps(config, steps)
 
 

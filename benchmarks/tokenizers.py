@@ -48,7 +48,7 @@ from absl import app, flags  # noqa: E402
 
 from gqlm.config import ConfigError, base_config  # noqa: E402
 from gqlm.data import corpora  # noqa: E402
-from gqlm.tokenizers.base import load_tokenizer  # noqa: E402
+from gqlm.tokenizers import load_tokenizer  # noqa: E402
 
 flags.DEFINE_list("checkpoints", ["vqvae=workdirs/vqvae", "gqvae400=workdirs/gqvae", "gqvae16k=workdirs/gqvae_8k"],
                   "NAME=WORKDIR of trained GQ-VAE / VQ-VAE (fixed-gate) models; NAME labels their rows")
@@ -89,7 +89,7 @@ def build(kind: str, vocab: int, train: list[str]) -> str:
         if (kind, vocab) not in _BUILT:
             ckpt = checkpoints()[kind]
             sizes = [int(v) for v in FLAGS.vocab_sizes]
-            built = GQVAETokenizer.build_many(ckpt, sizes, train, strict=False)
+            built = GQVAETokenizer.build_many(*load_checkpoint(ckpt), sizes, train, strict=False)
             _BUILT.update({(kind, v): t for v, t in built.items()})
         tok = _BUILT[kind, vocab]
         if isinstance(tok, ConfigError):

@@ -32,7 +32,7 @@ MEASURE_BYTES = 256 * 1024
 def measured_bytes_per_token(spec: str, data: ml_collections.ConfigDict) -> float:
     """Bytes per token of `spec` on the start of the train split (the LM never sees validation here)."""
     from gqlm.data.corpora import load_documents
-    from gqlm.tokenizers.base import load_tokenizer
+    from gqlm.tokenizers import load_tokenizer
     tokenizer = load_tokenizer(spec)
     text = "".join(load_documents(data, "train")[:])[:MEASURE_BYTES]
     ids = tokenizer.encode(text)

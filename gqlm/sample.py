@@ -3,11 +3,18 @@
 Temperature 0 is greedy decoding.
 """
 
+import functools
+
 import jax
 from absl import flags
 
 from gqlm import cli
+from gqlm.config import apply_overrides
+from gqlm.train.checkpoint import restore_trained
+from gqlm.train.sampling import sample_text
+from gqlm.train.tasks.lm import LMTask
 
+cli.define_config_overrides()
 flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
 flags.DEFINE_integer("num_tokens", 200, "Tokens to generate.")
@@ -22,9 +29,8 @@ def main(argv: list[str]) -> None:
         cli.fail("--workdir is required")
     if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.num_tokens < 1:
         cli.fail("--temperature and --top_k must be >= 0 and --num_tokens >= 1")
-    from gqlm.train.experiment import restore_trained
-    from gqlm.train.sampling import sample_text
-    exp, _, state = restore_trained(FLAGS.workdir, cli.overrides())
+    edit = functools.partial(apply_overrides, overrides=cli.overrides())
+    exp, _, state = restore_trained(FLAGS.workdir, LMTask(), edit=edit)
     with jax.set_mesh(exp.mesh):
         print(FLAGS.prompt + sample_text(exp, state.params, FLAGS.prompt, FLAGS.num_tokens,
                                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed))

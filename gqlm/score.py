@@ -28,11 +28,12 @@ from absl import flags
 from flax import nnx
 
 from gqlm import cli
+from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError, apply_overrides
 from gqlm.data import corpora, packing, pipeline, synthetic
-
-COLUMNS = ("doc", "name", "nats", "bytes", "tokens")
-
+from gqlm.data.score_files import write_scores
+from gqlm.train.checkpoint import restore_trained
+from gqlm.train.tasks.lm import LMTask
 
 def checked_config(saved: ConfigDict, workdir: str, overrides: dict[str, str]) -> ConfigDict:
     """`saved` (the checkpoint's config) with data overrides; another tokenizer than the checkpoint's is an error."""
@@ -65,7 +66,6 @@ def score_documents(exp, params: Any, split: str, max_batches: int | None = None
     num_rows = packing.num_rows_covering(len(tokens), T)
     num_batches = -(-num_rows // B) if max_batches is None else min(max_batches, -(-num_rows // B))
     token_loss = jax.jit(make_token_loss_fn(exp.model.graphdef, exp.token_bytes))
-    from gqlm import mesh as mesh_lib
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     out = {k: np.zeros(num_docs) for k in ("nats", "bytes", "tokens")}
     for b in range(num_batches):
@@ -83,29 +83,6 @@ def score_documents(exp, params: Any, split: str, max_batches: int | None = None
     return out
 
 
-def write_scores(path: str, scores: dict[str, np.ndarray], names: list[str], meta: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    table = pa.table({"doc": np.arange(len(names)), "name": names, "nats": scores["nats"],
-                      "bytes": scores["bytes"].astype(np.int64), "tokens": scores["tokens"].astype(np.int64)})
-    table = table.replace_schema_metadata({"gqlm": json.dumps(meta)})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path)
-
-
-def read_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(columns, metadata) of a score file; a missing or foreign file is a one-line error."""
-    import pyarrow.parquet as pq
-    if not os.path.isfile(path):
-        raise ConfigError(f"score file {path!r} does not exist")
-    try:
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"gqlm"])
-    except Exception as e:  # not parquet, or not written by gqlm.score
-        raise ConfigError(f"{path!r} is not a gqlm.score file ({type(e).__name__})")
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}, meta
-
-
 def define_flags() -> None:
     """Flags of the command (defined only when run, so importing this module defines none)."""
     flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint scores the documents.")
@@ -119,13 +96,10 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS.workdir or not FLAGS.out:
         cli.fail("--workdir and --out are required")
-    from gqlm.train.checkpoint import SavedRun
-    from gqlm.train.experiment import build_experiment
-    with SavedRun(FLAGS.workdir, FLAGS.step) as run:
-        exp = build_experiment(checked_config(run.config(), FLAGS.workdir, cli.overrides()))
-        with jax.set_mesh(exp.mesh):
-            step, state = run.step, run.state(exp.abstract)
-            scores = score_documents(exp, state.params, FLAGS.split, FLAGS.batches)
+    exp, step, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step,
+                                       lambda saved: checked_config(saved, FLAGS.workdir, cli.overrides()))
+    with jax.set_mesh(exp.mesh):
+        scores = score_documents(exp, state.params, FLAGS.split, FLAGS.batches)
     docs = corpora.load_documents(exp.config.data, FLAGS.split)
     d = exp.config.data
     meta = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "split": FLAGS.split, "corpus": d.corpus,
@@ -138,5 +112,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.define_config_overrides()
     define_flags()
     cli.run(main)

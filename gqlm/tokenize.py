@@ -19,6 +19,9 @@ from absl import app, flags
 from gqlm.config import ConfigError, base_config
 from gqlm.data import corpora
 from gqlm.tokenizers.base import Tokenizer
+from gqlm.tokenizers.bpe import train_bpe
+from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
+from gqlm.train.tasks.gqvae.checkpoint import load_checkpoint
 
 _KIND = flags.DEFINE_string("kind", "bpe", "tokenizer kind; one of BUILDERS")
 _CORPUS = flags.DEFINE_string("corpus", "shakespeare", "shakespeare | python_stdlib | text_files")
@@ -30,16 +33,15 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "--kind=gqvae: a trained GQ-
 
 
 def build_bpe(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
-    from gqlm.tokenizers.bpe import train_bpe
     return train_bpe(train_docs, fl.vocab_size, fl.out)
 
 
 def build_gqvae(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
-    """Vocabulary from a trained GQ-VAE (`gqlm.tokenizers.gqvae.train`), built on `train_docs`."""
-    from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
+    """Vocabulary from a trained GQ-VAE (a `python -m gqlm.train` workdir), built on `train_docs`."""
     if not fl.checkpoint:
         raise ConfigError("--kind=gqvae needs --checkpoint=DIR (a trained GQ-VAE workdir)")
-    return build_gqvae_tokenizer(fl.checkpoint, fl.vocab_size, train_docs, fl.out)
+    cfg, params = load_checkpoint(fl.checkpoint)
+    return build_gqvae_tokenizer(cfg, params, fl.vocab_size, train_docs, fl.out)
 
 
 # kind -> builder: fn(train_docs, flags) -> Tokenizer, saved to --out.

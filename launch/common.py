@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import IO, NoReturn, Sequence
 
-from gqlm.config import ConfigError, apply_overrides, load_experiment, resolve_mesh_shape, validate
+from gqlm.config import ConfigError, apply_override_strings, load_experiment, resolve_mesh_shape, validate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +58,7 @@ def check_config(command: Sequence[str], num_devices: int, where: str, data_mult
     if spec is None:
         return
     try:
-        config = apply_overrides(load_experiment(spec), overrides)
+        config = apply_override_strings(load_experiment(spec), overrides)
         validate(config, num_devices)
         data = resolve_mesh_shape(config.mesh, num_devices)["data"]
         if data % data_multiple_of:

@@ -118,11 +118,6 @@ def test_all_padding_row_is_finite_with_finite_grads(attention_impl):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves((g_params, g_x)))
 
 
-def test_unknown_position_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.position"):
-        Attention(model_cfg("sinusoid"), rngs=nnx.Rngs(0))
-
-
 def test_auto_attention_is_einsum_off_gpu_and_explicit_choices_pass_through():
     assert jax.devices()[0].platform == "cpu"
     assert resolve_attention_impl("auto", jnp.bfloat16) == "einsum"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from gqlm.train.tasks.lm import LMTask
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SMOKE = "experiments/tiny_cpu.py:smoke"
@@ -125,9 +126,9 @@ def trained_workdir(tmp_path_factory):
     from gqlm import config as config_lib
     from gqlm.train.loop import train
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    config = config_lib.apply_overrides(config_lib.load_experiment(os.path.join(ROOT, SMOKE)), {
+    config = config_lib.apply_override_strings(config_lib.load_experiment(os.path.join(ROOT, SMOKE)), {
         "train.steps": "4", "train.checkpoint_every": "2", "train.sample_tokens": "0"})
-    train(config, str(workdir))
+    train(config, str(workdir), LMTask())
     return workdir
 
 

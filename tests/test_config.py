@@ -14,7 +14,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 def make(**overrides):
     config = config_lib.base_config()
     config.lock()
-    return config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+    return config_lib.apply_overrides(config, dict(overrides))
 
 
 BAD_CONFIGS = [
@@ -62,19 +62,31 @@ def test_default_config_is_valid():
 @pytest.mark.parametrize("key,text,error", [
     ("model.nope", "1", "unknown config key 'model.nope'"),
     ("nosection.x", "1", "unknown config key 'nosection'"),
-    ("model.num_layers", "four", "model.num_layers' expects int"),
-    ("model.num_layers", "2.5", "model.num_layers' expects int"),
-    ("model.tie_embeddings", "maybe", "expects a bool"),
+    ("model.num_layers", "four", "flag --config.model.num_layers=four"),
+    ("model.num_layers", "2.5", "flag --config.model.num_layers=2.5"),
+    ("model.tie_embeddings", "maybe", "Non-boolean argument"),
     ("model", "3", "is a section"),
 ])
-def test_bad_overrides(key, text, error):
+def test_bad_override_strings(key, text, error):
     with pytest.raises(ConfigError, match=error):
-        config_lib.apply_override(make(), key, text)
+        config_lib.apply_override_strings(make(), {key: text})
 
 
-def test_overrides_parse_types():
-    config = make(**{"model.num_layers": 3, "optimizer.learning_rate": 1, "data.tokenizer": "bpe:/tmp/x",
-                     "model.tie_embeddings": "false", "model.moe.layers": "[1, 3]"})
+@pytest.mark.parametrize("key,value,error", [
+    ("model.nope", 1, "unknown config key 'model.nope'"),
+    ("model.num_layers", "four", "model.num_layers' expects int"),
+    ("model.num_layers", 2.5, "model.num_layers' expects int"),
+    ("model", 3, "is a section"),
+])
+def test_bad_typed_overrides(key, value, error):
+    with pytest.raises(ConfigError, match=error):
+        config_lib.apply_overrides(make(), {key: value})
+
+
+def test_override_strings_are_typed_by_the_schema():
+    config = config_lib.apply_override_strings(make(), {
+        "model.num_layers": "3", "optimizer.learning_rate": "1", "data.tokenizer": "bpe:/tmp/x",
+        "model.tie_embeddings": "false", "model.moe.layers": "[1, 3]"})
     assert config.model.num_layers == 3
     assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
     assert config.data.tokenizer == "bpe:/tmp/x"
@@ -89,7 +101,7 @@ def test_mesh_fill_axis():
 
 def test_moe_layer_indices():
     assert config_lib.moe_layer_indices(make(**{"model.moe.num_experts": 4, "model.moe.every": 2}).model) == (1, 3)
-    assert config_lib.moe_layer_indices(make(**{"model.moe.num_experts": 4, "model.moe.layers": "(0,)"}).model) == (0,)
+    assert config_lib.moe_layer_indices(make(**{"model.moe.num_experts": 4, "model.moe.layers": (0,)}).model) == (0,)
     assert config_lib.moe_layer_indices(make().model) == ()
 
 
@@ -114,7 +126,7 @@ def test_experiments_load_and_validate(name):
 
 
 def test_config_json_round_trip():
-    config = make(**{"model.moe.layers": "(1, 2)", "model.num_layers": 4})
+    config = make(**{"model.moe.layers": (1, 2), "model.num_layers": 4})
     rebuilt = config_lib.config_from_dict(json.loads(config.to_json()))
     assert rebuilt.to_dict() == config.to_dict()
     assert rebuilt.mesh.rules == config_lib.DEFAULT_RULES

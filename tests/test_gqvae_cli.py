@@ -11,9 +11,12 @@ import pytest
 from gqlm import tokenize
 from gqlm.config import ConfigError, base_config, load_experiment
 from gqlm.data import corpora
-from gqlm.tokenizers.base import TokenizerDirError, load_tokenizer
+from gqlm.tokenizers import load_tokenizer
+from gqlm.tokenizers.base import TokenizerDirError
 from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
-from gqlm.tokenizers.gqvae.train import CheckpointError, train_gqvae
+from gqlm.train.tasks.gqvae.checkpoint import CheckpointError, load_checkpoint
+from gqlm.train.tasks.gqvae.train import train_gqvae
+from gqlm.train.tasks.lm import LMTask
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 LINES = ["the cat and the hat; the rat sat on the mat.", "then the man ran to the van and the cat sat."]
@@ -56,7 +59,7 @@ def test_tokenize_cli_builds_the_same_tokenizer_as_the_library(setup):
     assert f"vocab_size={VOCAB}" in r.stdout and "validation bytes/token" in r.stdout
     tok = load_tokenizer(f"gqvae:{out}")
     # The CLI builds its vocabulary on the corpus' train split: the same as the library call.
-    reference = GQVAETokenizer.build(ckpt, VOCAB, corpora.load_documents(data, "train")[:])
+    reference = GQVAETokenizer.build(*load_checkpoint(ckpt), VOCAB, corpora.load_documents(data, "train")[:])
     assert isinstance(tok, GQVAETokenizer) and tok.tokens == reference.tokens and tok.vocab_size == VOCAB
     assert tok.encode(TEXT) == reference.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
     # The printed bytes/token is the validation split's, computed independently here.
@@ -105,17 +108,17 @@ def test_builder_bad_inputs_name_the_path_or_key(setup):
 def test_vocab_size_limit_is_the_number_of_distinct_segments(setup):
     _, ckpt, _ = setup
     # Independent count: distinct multi-byte strings the used codes end on, all of each code's.
-    probe = GQVAETokenizer.build(ckpt, 259, LINES)
+    probe = GQVAETokenizer.build(*load_checkpoint(ckpt), 259, LINES)
     segments = probe._segment_pretokens(sorted({p for t in LINES for p in tokenize_pretokens(t)}))
     by_code = {}
     for segs in segments.values():
         for seg, code in segs:
             by_code.setdefault(code, set()).add(seg)
-    assert GQVAETokenizer.build(ckpt, VOCAB, LINES).vocab_size == VOCAB
+    assert GQVAETokenizer.build(*load_checkpoint(ckpt), VOCAB, LINES).vocab_size == VOCAB
     upper = 259 + len({s for strings in by_code.values() for s in strings if len(s) > 1})
-    assert GQVAETokenizer.build(ckpt, upper, LINES).vocab_size == upper
+    assert GQVAETokenizer.build(*load_checkpoint(ckpt), upper, LINES).vocab_size == upper
     with pytest.raises(ConfigError, match=f"vocab_size={upper + 1} exceeds"):
-        GQVAETokenizer.build(ckpt, upper + 1, LINES)
+        GQVAETokenizer.build(*load_checkpoint(ckpt), upper + 1, LINES)
 
 
 def tokenize_pretokens(text):
@@ -128,11 +131,11 @@ def test_lm_trains_on_a_gqvae_tokenizer(setup):
     from gqlm.train.loop import train
     tmp, ckpt, data = setup
     tok_dir = str(tmp / "tok_lm")
-    GQVAETokenizer.build(ckpt, VOCAB, LINES).save(tok_dir)
+    GQVAETokenizer.build(*load_checkpoint(ckpt), VOCAB, LINES).save(tok_dir)
     config = load_experiment(f"experiments/gqvae_lm_compare.py:gqvae:{tok_dir},bpt=2,smoke")
     assert config.data.tokenizer == f"gqvae:{tok_dir}" and config.data.seq_len == 32
     config.data.corpus, config.data.glob, config.data.data_dir = data.corpus, data.glob, data.data_dir
-    metrics = train(config, str(tmp / "lm"))
+    metrics = train(config, str(tmp / "lm"), LMTask())
     assert np.isfinite(metrics["bpb"]) and metrics["bytes_per_token"] > 1.0
 
 

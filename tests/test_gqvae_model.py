@@ -8,10 +8,9 @@ import pytest
 from flax import nnx
 
 from gqlm.config import ConfigError, base_config, validate_gqvae
-from gqlm.tokenizers.gqvae.loss import gqvae_loss, soft_mask, windows
-from gqlm.tokenizers.gqvae.model import finalize_gates, forward, hard_boundaries, segment
+from gqlm.train.tasks.gqvae.loss import gqvae_loss, soft_mask, windows
+from gqlm.tokenizers.gqvae.model import finalize_gates, forward, hard_boundaries, make_model, segment
 from gqlm.tokenizers.gqvae.quantizer import reseed_codebook
-from gqlm.tokenizers.gqvae.train import make_model
 
 
 def tiny_cfg(**overrides):

@@ -84,7 +84,7 @@ def test_unthreaded_runner_gives_the_same_results(threaded):
 def test_fixed_cuts_are_the_fixed_gate_models_cuts():
     """Encoding's NumPy cuts for fixed gates against the model's hard_boundaries(fixed_gates)."""
     from gqlm.tokenizers.gqvae.model import fixed_gates, hard_boundaries
-    from gqlm.tokenizers.gqvae.tokenizer import _fixed_cuts
+    from gqlm.tokenizers.gqvae.segmenter import fixed_cuts as _fixed_cuts
     lengths_R = np.arange(0, 17, dtype=np.int32)  # an empty row too
     for max_token_len in (4, 10):
         for every in range(1, max_token_len + 1):
@@ -99,14 +99,14 @@ def test_tokenizer_encodings_do_not_depend_on_the_devices():
     import jax
     from gqlm.config import base_config
     from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
-    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    from gqlm.tokenizers.gqvae.model import make_model, split_params
     c = base_config().gqvae
     c.update(dict(embed_dim=8, num_heads=2, encoder_layers=1, gater_layers=1, mlp_dim=16, codebook_size=16,
                   max_token_len=4, max_pretoken_len=8))
     graphdef, params = split_params(make_model(c))
     rng = np.random.default_rng(1)
     words = sorted({"".join(chr(97 + int(x)) for x in rng.integers(0, 26, rng.integers(1, 12))) for _ in range(400)})
-    one, many = GQVAETokenizer(c, graphdef, params, []), GQVAETokenizer(c, graphdef, params, [])
+    one, many = GQVAETokenizer(c, params, []), GQVAETokenizer(c, params, [])
     one._params_per_device = [jax.device_put(one.params, jax.devices()[0])]
     many._params_per_device = [jax.device_put(many.params, d) for d in jax.devices()[:3]]
     assert one._segment_pretokens(words) == many._segment_pretokens(words)

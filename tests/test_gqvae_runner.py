@@ -16,13 +16,13 @@ from gqlm import config as config_lib
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigError
 from gqlm.data.pipeline import to_global
-from gqlm.tokenizers.gqvae.task import GQVAETask, codebook_stats
 from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
-from gqlm.tokenizers.gqvae.train import (CheckpointError, GQVAEState, load_checkpoint, reseed_dead_codes,
-                                         remember)
 from gqlm.train.experiment import build_experiment
 from gqlm.train.loop import train
-from gqlm.train.task import make_train_iterator
+from gqlm.train.tasks.gqvae.checkpoint import CheckpointError, load_checkpoint
+from gqlm.train.tasks.gqvae.step import GQVAEState, remember, reseed_dead_codes
+from gqlm.train.tasks.gqvae.task import GQVAETask, codebook_stats
+from gqlm.train.tasks.lm import LMTask
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments", "gqvae_shakespeare.py")
@@ -37,7 +37,7 @@ def smoke_config(**overrides):
     base = {"train.steps": STEPS, "train.checkpoint_every": 3, "train.eval_every": 3, "train.log_every": 1,
             "gqvae.warmup_steps": 2, "gqvae.reseed_every": 2}
     config = config_lib.load_experiment(EXPERIMENT + ":smoke")
-    return config_lib.apply_overrides(config, {k: str(v) for k, v in {**base, **overrides}.items()})
+    return config_lib.apply_overrides(config, {**base, **overrides})
 
 
 def task():
@@ -82,8 +82,8 @@ def test_runner_logs_the_gqvae_metrics(runs):
 
 def test_resume_is_exact_across_a_reseeding(runs):
     straight, resumed, _ = runs
-    _, _, a = load_checkpoint(straight)
-    _, _, b = load_checkpoint(resumed)
+    _, a = load_checkpoint(straight)
+    _, b = load_checkpoint(resumed)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     losses = lambda w: [r["loss"] for r in rows(w, "train")]  # noqa: E731
     assert losses(straight) == losses(resumed)
@@ -91,9 +91,9 @@ def test_resume_is_exact_across_a_reseeding(runs):
 
 def test_tokenizer_builds_from_the_runner_checkpoint(runs):
     straight, _, _ = runs
-    cfg, _, params = load_checkpoint(straight)
+    cfg, params = load_checkpoint(straight)
     assert cfg.codebook_size == 64 and cfg.train_tokenizer
-    tok = GQVAETokenizer.build(straight, 259, TEXTS)  # bytes + specials only: always buildable
+    tok = GQVAETokenizer.build(*load_checkpoint(straight), 259, TEXTS)  # bytes + specials only: always buildable
     for text in TEXTS + ["unseen wörds ☃ \x00"]:
         assert tok.decode(tok.encode(text)) == text
     # The tokenizer segments with the checkpoint's parameters.
@@ -152,9 +152,9 @@ def test_remember_writes_valid_outputs_into_the_steps_slots():
 
 def test_bad_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="gqvae.batch_size=12"):
-        build_experiment(smoke_config(**{"gqvae.batch_size": 12}))  # 8 data-parallel devices
+        build_experiment(smoke_config(**{"gqvae.batch_size": 12}), task())  # 8 data-parallel devices
     with pytest.raises(ConfigError, match="train.grad_accum=2"):
-        build_experiment(smoke_config(**{"train.grad_accum": 2}))
+        build_experiment(smoke_config(**{"train.grad_accum": 2}), task())
     with pytest.raises(ConfigError, match="no characters"):
         train(smoke_config(), str(tmp_path / "w"), task=GQVAETask({"train": [""], "validation": [""]}))
 
@@ -163,11 +163,12 @@ def test_bad_configs_name_the_key(tmp_path):
 def test_same_losses_when_the_parameters_are_sharded_too():
     """Batch over 8 data shards vs 2 data x 4 fsdp (parameters sharded): the same losses."""
     def losses(**mesh):
-        exp = build_experiment(smoke_config(**mesh), task())
-        batches = make_train_iterator(exp)
+        gqvae = task()
+        exp = build_experiment(smoke_config(**mesh), gqvae)
+        batches = gqvae.train_iterator(exp)
         sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
         with jax.set_mesh(exp.mesh):
-            state, step, out = exp.task.init_state(exp), exp.task.train_step(exp), []
+            state, step, out = gqvae.init_state(exp), gqvae.train_step(exp), []
             for _ in range(4):  # across the end of warm-up (2): quantized steps too
                 state, metrics = step(state, to_global(next(batches), sharding))
                 out.append(float(metrics["loss"]))
@@ -201,7 +202,7 @@ def test_cli_trains_resumes_and_tokenize_reads_the_workdir(tmp_path):
 @pytest.mark.slow
 def test_an_lm_workdir_is_not_a_gqvae_checkpoint(tmp_path):
     config = config_lib.load_experiment(os.path.join(ROOT, "experiments", "tiny_cpu.py") + ":smoke")
-    config = config_lib.apply_overrides(config, {"train.steps": "1", "train.sample_tokens": "0"})
-    train(config, str(tmp_path))
+    config = config_lib.apply_override_strings(config, {"train.steps": "1", "train.sample_tokens": "0"})
+    train(config, str(tmp_path), LMTask())
     with pytest.raises(CheckpointError, match=f"{tmp_path}.*LM workdir"):
         load_checkpoint(str(tmp_path))

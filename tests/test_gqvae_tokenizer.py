@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from gqlm.config import ConfigError, base_config
-from gqlm.tokenizers.base import TokenizerDirError, has_surrogates, load_tokenizer, text_to_bytes
+from gqlm.tokenizers import load_tokenizer
+from gqlm.tokenizers.base import TokenizerDirError, has_surrogates, text_to_bytes
 from gqlm.tokenizers.gqvae import tokenizer as tokenizer_module
 from gqlm.tokenizers.gqvae.pretokenize import pretokens
 from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer, build_gqvae_tokenizer
-from gqlm.tokenizers.gqvae.train import CheckpointError, train_gqvae
+from gqlm.train.tasks.gqvae.checkpoint import CheckpointError, load_checkpoint
+from gqlm.train.tasks.gqvae.train import train_gqvae
 
 TEXTS = ["the cat and the hat; the rat sat on the mat. " * 4, "then the man ran to the van.\n" * 4]
 VOCAB = 259 + 6
@@ -26,7 +28,7 @@ def built(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("ckpt"))
     train_gqvae(c, TEXTS, ckpt, 25)
     out = str(tmp_path_factory.mktemp("tok"))
-    return ckpt, out, build_gqvae_tokenizer(ckpt, VOCAB, TEXTS, out)
+    return ckpt, out, build_gqvae_tokenizer(*load_checkpoint(ckpt), VOCAB, TEXTS, out)
 
 
 def random_texts(seed, n=30):
@@ -116,12 +118,12 @@ def test_load_errors_name_the_path(built, tmp_path):
 def test_build_errors(built, tmp_path):
     ckpt, _, _ = built
     with pytest.raises(ConfigError, match="vocab_size=100000 exceeds") as info:
-        GQVAETokenizer.build(ckpt, 100_000, TEXTS)
+        GQVAETokenizer.build(*load_checkpoint(ckpt), 100_000, TEXTS)
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="vocab_size=10 must be at least 259"):
-        GQVAETokenizer.build(ckpt, 10, TEXTS)
+        GQVAETokenizer.build(*load_checkpoint(ckpt), 10, TEXTS)
     with pytest.raises(CheckpointError, match="is not a GQ-VAE checkpoint") as info:
-        GQVAETokenizer.build(str(tmp_path), VOCAB, TEXTS)
+        GQVAETokenizer.build(*load_checkpoint(str(tmp_path)), VOCAB, TEXTS)
     assert str(tmp_path) in str(info.value)
 
 
@@ -136,10 +138,10 @@ def test_cache_is_bounded(built, monkeypatch):
 
 
 def test_segments_missing_from_the_vocabulary_use_longest_prefixes(built):
-    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    from gqlm.tokenizers.gqvae.model import make_model, split_params
     _, _, tok = built
     graphdef, params = split_params(make_model(tok.cfg))
-    custom = GQVAETokenizer(tok.cfg, graphdef, params, [b"th", b"the", b"at"])
+    custom = GQVAETokenizer(tok.cfg, params, [b"th", b"the", b"at"])
     th, the, at = 259, 260, 261
     assert custom._spell(b"theat") == [the, at]
     assert custom._spell(b"thxat") == [th, ord("x"), at]
@@ -149,11 +151,11 @@ def test_segments_missing_from_the_vocabulary_use_longest_prefixes(built):
 
 def test_build_many_matches_single_builds(built):
     ckpt, _, tok = built
-    many = GQVAETokenizer.build_many(ckpt, [VOCAB - 2, VOCAB, 100_000], TEXTS, strict=False)
+    many = GQVAETokenizer.build_many(*load_checkpoint(ckpt), [VOCAB - 2, VOCAB, 100_000], TEXTS, strict=False)
     assert many[VOCAB].tokens == tok.tokens and many[VOCAB - 2].tokens == tok.tokens[:-2]
     assert isinstance(many[100_000], ConfigError) and "vocab_size=100000" in str(many[100_000])
     with pytest.raises(ConfigError, match="vocab_size=100000"):
-        GQVAETokenizer.build_many(ckpt, [VOCAB, 100_000], TEXTS)
+        GQVAETokenizer.build_many(*load_checkpoint(ckpt), [VOCAB, 100_000], TEXTS)
 
 
 def test_saved_table_is_what_the_model_gives(built, tmp_path):
@@ -175,7 +177,7 @@ def reference_segments(tok, items):
     from flax import nnx
     from gqlm.tokenizers.gqvae.model import segment
     from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, split_piece
-    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    from gqlm.tokenizers.gqvae.model import make_model, split_params
     graphdef, _ = split_params(make_model(tok.cfg))
     pieces = [c for p in items for c in split_piece(text_to_bytes(p), tok.cfg.max_pretoken_len)]
     bytes_NT, lengths_N = pack_pieces(pieces, tok.cfg.max_pretoken_len)
@@ -221,7 +223,7 @@ def test_vocabulary_is_every_distinct_segment_by_frequency(built):
     assert want[:6] == tok.tokens
     full, over = 259 + len(want), 260 + len(want)
     stats = {}
-    many = GQVAETokenizer.build_many(ckpt, [full, over], TEXTS, strict=False, stats=stats)
+    many = GQVAETokenizer.build_many(*load_checkpoint(ckpt), [full, over], TEXTS, strict=False, stats=stats)
     assert many[full].tokens == want
     strings_of = {}
     for seg in want:
@@ -236,12 +238,12 @@ def test_vocabulary_is_every_distinct_segment_by_frequency(built):
 
 
 def test_fixed_gates_skip_the_model():
-    from gqlm.tokenizers.gqvae.train import make_model, split_params
+    from gqlm.tokenizers.gqvae.model import make_model, split_params
     c = base_config().gqvae
     c.update(dict(embed_dim=8, num_heads=2, encoder_layers=1, gater_layers=1, mlp_dim=16, codebook_size=8,
                   max_token_len=4, max_pretoken_len=4, fixed_gate_every=3))
     graphdef, params = split_params(make_model(c))
-    tok = GQVAETokenizer(c, graphdef, params, [b"abc", b"yz"])
+    tok = GQVAETokenizer(c, params, [b"abc", b"yz"])
     items = ["abcdefghijk", " x", "\u00e9\u00e9\u00e9\u00e9"]
     for codes in (True, False):
         segs = tok._segment_pretokens(items, codes=codes)

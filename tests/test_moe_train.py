@@ -19,6 +19,7 @@ from gqlm.presets import dense_experiment
 from gqlm.train import state as state_lib
 from gqlm.train.experiment import build_experiment, jit_train_step
 from gqlm.train.metrics import MetricWriter
+from gqlm.train.tasks.lm import LMTask
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 B, T, D, F, E, K = 2, 6, 8, 16, 4, 2
@@ -129,12 +130,12 @@ def test_rules_reach_the_moe_layer():
 
 def moe_smoke(**overrides):
     config = config_lib.load_experiment(os.path.join(EXPERIMENTS, "moe_tiny_cpu.py") + ":smoke")
-    return config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+    return config_lib.apply_overrides(config, dict(overrides))
 
 
 def first_steps(config, num_steps=2, repeats=1):
     """Metrics of `num_steps` steps from the seed's init, `repeats` times with one jitted step."""
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     batches = make_train_iterator(exp.config, exp.tokenizer)
     sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
     runs = []
@@ -192,7 +193,7 @@ def test_train_step_with_jitter_is_deterministic_and_logs_moe_metrics(tmp_path):
 def test_moe_8x125m_matches_dense_125m_active_params_and_validates_on_a_pod():
     config = config_lib.load_experiment(os.path.join(EXPERIMENTS, "moe_8x125m.py"))
     config_lib.validate(config, 256)
-    config_lib.validate(config_lib.apply_overrides(config, {"mesh.data": "1", "mesh.expert": "8"}), 8)
+    config_lib.validate(config_lib.apply_override_strings(config, {"mesh.data": "1", "mesh.expert": "8"}), 8)
     dense = dense_experiment("125m")
     for c in (config, dense):
         c.model.vocab_size = 384  # resolved from the tokenizer at run time; irrelevant to the counts

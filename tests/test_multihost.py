@@ -133,7 +133,7 @@ def test_unreachable_coordinator_is_a_clear_error():
                           "GQLM_PROCESS_ID": "1"}, timeout=2)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("gqlm.config.ConfigError: coordinator " + address) and "unreachable after 2 s" in last
+    assert last.startswith("gqlm.config.errors.ConfigError: coordinator " + address) and "unreachable after 2 s" in last
 
 
 def test_missing_peer_ends_with_one_line():

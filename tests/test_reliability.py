@@ -21,6 +21,7 @@ from gqlm.train import checkpoint as ckpt_lib
 from gqlm.train import loop
 from gqlm.train.experiment import build_experiment
 from gqlm.train.loop import TrainingStopped, train
+from gqlm.train.tasks.lm import LMTask
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SMOKE = "experiments/tiny_cpu.py:smoke"
@@ -29,7 +30,7 @@ QUIET = {"train.sample_tokens": 0, "train.eval_every": 1000, "train.log_every": 
 
 def smoke_config(**overrides):
     config = config_lib.load_experiment(os.path.join(ROOT, SMOKE))
-    return config_lib.apply_overrides(config, {k: str(v) for k, v in {**QUIET, **overrides}.items()})
+    return config_lib.apply_overrides(config, {**QUIET, **overrides})
 
 
 def cli_args(workdir, **overrides):
@@ -77,7 +78,7 @@ def saved_steps(workdir):
 
 
 def load(workdir, step, config):
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     with jax.set_mesh(exp.mesh):
         return jax.device_get(ckpt_lib.load_state(str(workdir), exp.abstract, step)[1])
 
@@ -123,7 +124,7 @@ def trained(tmp_path_factory):
     """A workdir with verified checkpoints at steps 2 and 4 (built once, copied by each test)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
     config = smoke_config(**{"train.steps": 4, "train.checkpoint_every": 2})
-    train(config, str(workdir))
+    train(config, str(workdir), LMTask())
     return workdir, config
 
 
@@ -149,7 +150,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, cap
     good2, good4 = load(workdir, 2, config), load(workdir, 4, config)
     damage_largest_file(workdir / "checkpoints" / "4", how)
 
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     with jax.set_mesh(exp.mesh), ckpt_lib.Checkpointer(str(workdir), config.train) as checkpointer:
         state = checkpointer.restore_latest(exp.abstract, make_train_iterator(exp.config, exp.tokenizer))
     out = capsys.readouterr().out
@@ -159,7 +160,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path, cap
     # The corrupt one is moved aside (kept for inspection), so a resumed run can save step 4 again.
     assert saved_steps(workdir) == [2]
     assert [d.split("-")[0] for d in os.listdir(workdir / "checkpoints_corrupt")] == ["4"]
-    train(config, str(workdir))
+    train(config, str(workdir), LMTask())
     assert saved_steps(workdir) == [2, 4]
     assert_trees_equal(load(workdir, 4, config), good4)  # resume is deterministic
 
@@ -171,9 +172,9 @@ def test_bit_flip_is_silent_without_verification(trained, tmp_path):
     shutil.copytree(source, workdir)
     good4 = load(workdir, 4, config)
     damage_largest_file(workdir / "checkpoints" / "4", "flip")
-    unverified = config_lib.apply_overrides(config.copy_and_resolve_references(),
+    unverified = config_lib.apply_override_strings(config.copy_and_resolve_references(),
                                             {"train.verify_checkpoints": "False"})
-    exp = build_experiment(unverified)
+    exp = build_experiment(unverified, LMTask())
     with jax.set_mesh(exp.mesh), ckpt_lib.Checkpointer(str(workdir), unverified.train) as checkpointer:
         state = checkpointer.restore_latest(exp.abstract, make_train_iterator(exp.config, exp.tokenizer))
     assert int(state.step) == 4 and trees_differ(jax.device_get(state), good4)
@@ -221,7 +222,7 @@ def skip_run(tmp_path_factory):
     config = smoke_config(**NAN_RUN, **{"train.nonfinite": "skip"})
     with pytest.MonkeyPatch.context() as monkeypatch:
         inject_nan_at_batch_3(monkeypatch)
-        metrics = train(config, str(workdir))
+        metrics = train(config, str(workdir), LMTask())
     return workdir, config, metrics
 
 
@@ -243,7 +244,7 @@ def test_nonfinite_stop_saves_last_good_state(skip_run, monkeypatch, tmp_path):
     config = smoke_config(**NAN_RUN, **{"train.nonfinite": "stop"})
     # The loop reads step t's metrics while step t + 1 runs, so it stops with step 4 applied.
     with pytest.raises(TrainingStopped, match=r"non-finite loss or gradient at step 3 .*saved as step 4"):
-        train(config, str(tmp_path))
+        train(config, str(tmp_path), LMTask())
     assert saved_steps(tmp_path) == [1, 2, 3, 4]
     stopped = load(tmp_path, 4, config)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(stopped.params))
@@ -294,7 +295,7 @@ def test_signal_saves_exits_0_and_resume_continues(tmp_path, signum):
 def test_kill_9_resume_is_bit_identical(tmp_path):
     overrides = {"train.steps": 40, "train.checkpoint_every": 4}  # killed by step ~25: margin to spare
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train(smoke_config(**overrides), str(straight))
+    train(smoke_config(**overrides), str(straight), LMTask())
     expected = {r["step"]: r["loss"] for r in train_rows(straight)}
     assert sorted(expected) == list(range(1, 41))
 

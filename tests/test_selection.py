@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from gqlm.config import ConfigError, apply_overrides, load_experiment
-from gqlm.data import corpora, selection
+from gqlm.config import ConfigError, apply_override_strings, apply_overrides, load_experiment
+from gqlm.data import corpora, score_files, selection
 from gqlm.tokenizers.base import text_to_bytes
+from gqlm.train.tasks.lm import LMTask
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -78,23 +79,23 @@ def trained(tmp_path_factory):
     for i in range(12):
         words = rng.choice(["the", "cat", "sat", "on", "mat", "é", "\n"], size=rng.integers(5, 80))
         (root / f"d{i:02d}.txt").write_text(" ".join(words))
-    config = apply_overrides(load_experiment(os.path.join(ROOT, "experiments", "tiny_cpu.py:smoke")), {
+    config = apply_override_strings(load_experiment(os.path.join(ROOT, "experiments", "tiny_cpu.py:smoke")), {
         "data.corpus": "text_files", "data.glob": str(root / "*.txt"), "data.data_dir": str(root / "tfds"),
         "train.steps": "4", "train.eval_every": "4", "train.checkpoint_every": "4", "train.sample_tokens": "0",
         "train.compile_cache_dir": ""})
     workdir = str(root / "work")
-    train(config, workdir)
+    train(config, workdir, LMTask())
     return workdir, config
 
 
 def test_document_scores_add_up_to_the_runners_evaluation(trained, tmp_path):
     from gqlm import score
     from gqlm.data.pipeline import make_eval_batches
-    from gqlm.eval.bpb import evaluate
-    from gqlm.train.experiment import restore_trained
+    from gqlm.train.checkpoint import restore_trained
+    from gqlm.train.evaluation import evaluate
     from gqlm.train.step import make_eval_step
     workdir, _ = trained
-    exp, step, state = restore_trained(workdir)
+    exp, step, state = restore_trained(workdir, LMTask())
     with jax.set_mesh(exp.mesh):
         scores = score.score_documents(exp, state.params, "train")
         batches = make_eval_batches(exp.config, exp.tokenizer, "train", 10**6)
@@ -109,8 +110,8 @@ def test_document_scores_add_up_to_the_runners_evaluation(trained, tmp_path):
     np.testing.assert_allclose(scores["nats"].sum() / total_tokens, reference["loss"], rtol=1e-5)
 
     path = str(tmp_path / "s.parquet")
-    score.write_scores(path, scores, [docs.name(i) for i in range(len(docs))], {"split": "train"})
-    columns, meta = score.read_scores(path)
+    score_files.write_scores(path, scores, [docs.name(i) for i in range(len(docs))], {"split": "train"})
+    columns, meta = score_files.read_scores(path)
     np.testing.assert_allclose(columns["nats"], scores["nats"])
     assert meta == {"split": "train"} and list(columns["name"]) == [docs.name(i) for i in range(len(docs))]
 
@@ -123,4 +124,4 @@ def test_scoring_under_another_tokenizer_is_a_one_line_error(trained, tmp_path):
         score.checked_config(load_config(workdir), workdir, {"data.tokenizer": "bpe:/x"})
     with pytest.raises(ConfigError, match="not a gqlm.score file"):
         (tmp_path / "junk.parquet").write_text("no")
-        score.read_scores(str(tmp_path / "junk.parquet"))
+        score_files.read_scores(str(tmp_path / "junk.parquet"))

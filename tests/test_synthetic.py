@@ -11,6 +11,7 @@ from gqlm.config import ConfigError, base_config, load_experiment, validate
 from gqlm.data import pipeline, synthetic
 from gqlm.eval.synthetic_eval import exact_match
 from gqlm.tokenizers.byte import ByteTokenizer
+from gqlm.train.tasks.lm import LMTask
 
 TOK = ByteTokenizer()
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -169,17 +170,17 @@ def test_exact_match_needs_every_answer_token_right():
 @pytest.mark.slow
 def test_tiny_model_learns_to_copy_short_strings(tmp_path):
     import jax
-    from gqlm.config import apply_overrides
+    from gqlm.config import apply_override_strings
     from gqlm.eval.synthetic_eval import accuracy_by_length
-    from gqlm.train.experiment import restore_trained
+    from gqlm.train.checkpoint import restore_trained
     from gqlm.train.loop import train
 
-    config = apply_overrides(load_experiment(EXPERIMENT + ":copy,smoke"), {
+    config = apply_override_strings(load_experiment(EXPERIMENT + ":copy,smoke"), {
         "data.synthetic_max_len": "3", "data.seq_len": "32", "data.batch_size": "32",
         "train.steps": "300", "train.eval_every": "300", "train.checkpoint_every": "300",
         "optimizer.warmup_steps": "20", "train.compile_cache_dir": ""})
-    train(config, str(tmp_path))
-    exp, _, state = restore_trained(str(tmp_path))
+    train(config, str(tmp_path), LMTask())
+    exp, _, state = restore_trained(str(tmp_path), LMTask())
     with jax.set_mesh(exp.mesh):
         acc = accuracy_by_length(exp, state.params, [2, 3], num_batches=1)
     assert acc[2]["examples"] > 50 and acc[2]["accuracy"] > 0.9 and acc[3]["accuracy"] > 0.8, acc

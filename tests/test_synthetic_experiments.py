@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gqlm.config import ConfigError, apply_overrides, base_config, load_experiment
+from gqlm.config import ConfigError, apply_override_strings, base_config, load_experiment
 from gqlm.data import synthetic
 from gqlm.models.flops import count_params, flops_per_token
 from gqlm.tokenizers.byte import ByteTokenizer
@@ -51,7 +51,7 @@ def test_bench_option_trains_short_and_evaluates_up_to_4L():
 def test_lengths_a_task_cannot_have_are_one_line_errors():
     c = base_config()
     c.data.corpus, c.data.seq_len, c.data.batch_size = "synthetic:parity", 32, 8
-    c = apply_overrides(c, {"data.synthetic_min_len": "6", "data.synthetic_max_len": "12",
+    c = apply_override_strings(c, {"data.synthetic_min_len": "6", "data.synthetic_max_len": "12",
                             "data.synthetic_parity_k": "3", "data.synthetic_seed": "5"})
     last = int(synthetic.parity_positions(synthetic.Spec.from_config(c.data)).max())
     assert last >= 2

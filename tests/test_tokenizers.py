@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gqlm.config import ConfigError
-from gqlm.tokenizers.base import MANIFEST, bytes_to_text, load_tokenizer, text_to_bytes
+from gqlm.tokenizers import load_tokenizer
+from gqlm.tokenizers.base import MANIFEST, bytes_to_text, text_to_bytes
 from gqlm.tokenizers.bpe import BPETokenizer, train_bpe
 from gqlm.tokenizers.byte import ByteTokenizer
 

@@ -11,20 +11,22 @@ from gqlm import config as config_lib
 from gqlm import mesh as mesh_lib
 from gqlm.data.pipeline import make_train_iterator, to_global
 from gqlm.train import state as state_lib
-from gqlm.train.experiment import build_experiment, jit_train_step, restore_trained
+from gqlm.train.checkpoint import restore_trained
+from gqlm.train.experiment import build_experiment, jit_train_step
 from gqlm.train.loop import train
+from gqlm.train.tasks.lm import LMTask
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "tiny_cpu.py")
 
 
 def smoke_config(**overrides):
     config = config_lib.load_experiment(EXPERIMENT + ":smoke")
-    return config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+    return config_lib.apply_overrides(config, dict(overrides))
 
 
 def run_steps(config, num_steps):
     """Losses and final params of `num_steps` train steps on the config's mesh."""
-    exp = build_experiment(config)
+    exp = build_experiment(config, LMTask())
     batches = make_train_iterator(exp.config, exp.tokenizer)
     sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
     with jax.set_mesh(exp.mesh):
@@ -78,7 +80,7 @@ def test_grad_accumulation_matches_one_big_batch():
 
 
 def test_params_are_sharded_not_replicated():
-    exp = build_experiment(smoke_config(**{"mesh.data": 2, "mesh.fsdp": 4}))
+    exp = build_experiment(smoke_config(**{"mesh.data": 2, "mesh.fsdp": 4}), LMTask())
     with jax.set_mesh(exp.mesh):
         state = state_lib.init_state(exp.config.model, exp.tx, 0, exp.shardings)
     sharded = [x for x in jax.tree.leaves(state.params) if x.ndim == 2]
@@ -98,9 +100,9 @@ def test_resume_is_bit_identical(tmp_path):
     config = smoke_config(**{"train.steps": 20, "train.log_every": 1, "train.checkpoint_every": 5,
                              "train.sample_tokens": 0})
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train(config, straight)
-    train(config, interrupted, stop_at=10)
-    train(config, interrupted)
+    train(config, straight, LMTask())
+    train(config, interrupted, LMTask(), stop_at=10)
+    train(config, interrupted, LMTask())
     expected, resumed = read_losses(straight), read_losses(interrupted)
     assert sorted(resumed) == list(range(1, 21))
     assert [resumed[s] for s in range(11, 21)] == [expected[s] for s in range(11, 21)]
@@ -109,9 +111,10 @@ def test_resume_is_bit_identical(tmp_path):
 def test_checkpoint_restores_on_another_mesh(tmp_path):
     workdir = str(tmp_path / "run")
     config = smoke_config(**{"train.steps": 4, "train.checkpoint_every": 2, "train.sample_tokens": 0})
-    train(config, workdir)
-    _, step, state8 = restore_trained(workdir)
-    exp, step2, state_other = restore_trained(workdir, {"mesh.data": "2", "mesh.fsdp": "2", "mesh.tensor": "2"})
+    train(config, workdir, LMTask())
+    _, step, state8 = restore_trained(workdir, LMTask())
+    exp, step2, state_other = restore_trained(
+        workdir, LMTask(), edit=lambda c: config_lib.apply_overrides(c, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
     assert step == step2 == 4
     assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     assert_trees_close(jax.device_get(state_other.params), jax.device_get(state8.params), rtol=0)
@@ -119,10 +122,10 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
 
 def test_incompatible_checkpoint_names_the_parameter(tmp_path):
     workdir = str(tmp_path / "run")
-    train(smoke_config(**{"train.steps": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}), workdir)
+    train(smoke_config(**{"train.steps": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}), workdir, LMTask())
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     with pytest.raises(config_lib.ConfigError, match="incompatible model.*mlp"):
-        train(smoke_config(**{"train.steps": 4, "model.mlp_dim": 96}), workdir)
+        train(smoke_config(**{"train.steps": 4, "model.mlp_dim": 96}), workdir, LMTask())
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -136,9 +139,9 @@ def unigram_entropy_bits_per_byte(texts):
 def test_demo_learns_below_unigram_entropy(tmp_path):
     from gqlm.data.corpora import load_documents
     config = config_lib.load_experiment(EXPERIMENT)
-    config = config_lib.apply_overrides(config, {"train.steps": "150", "train.eval_every": "150",
+    config = config_lib.apply_override_strings(config, {"train.steps": "150", "train.eval_every": "150",
                                                  "train.sample_tokens": "0", "train.progress": "False"})
-    metrics = train(config, str(tmp_path / "demo"))
+    metrics = train(config, str(tmp_path / "demo"), LMTask())
     entropy = unigram_entropy_bits_per_byte(load_documents(config.data, "validation"))
     assert 4.0 < entropy < 5.5
     assert metrics["bpb"] < entropy - 1.0, (metrics, entropy)

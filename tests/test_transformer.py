@@ -11,6 +11,7 @@ from flax import nnx
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigError, base_config
+from gqlm.config import model as model_config
 from gqlm.models import flops
 from gqlm.models.layers import logical_param
 from gqlm.models.transformer import Transformer
@@ -236,9 +237,9 @@ def test_moe_layers_and_aux_are_summed_and_kept_per_layer(fake_moe):
     assert float(aux["layer_1/lb_loss"]) != pytest.approx(float(aux["layer_3/lb_loss"]))
 
 
-def test_moe_scan_needs_uniform_layers(fake_moe):
+def test_moe_scan_needs_uniform_layers():
     with pytest.raises(ConfigError, match="model.scan_layers"):
-        Transformer(moe_cfg(scan_layers=True), rngs=nnx.Rngs(0))
+        model_config.validate(moe_cfg(scan_layers=True), expert_axis=1)
 
 
 def test_moe_all_layers_scanned_keeps_per_layer_aux(fake_moe):

@@ -28,6 +28,8 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.config.data import BUILTIN_CORPORA, check_glob
+from gqlm.config.errors import check_choice
 from gqlm.tokenizers.base import fingerprint_of
 
 SPLITS = ("train", "validation")
@@ -176,12 +178,11 @@ def _builder_spec(data_config: ConfigDict) -> tuple[type, str | None, dict]:
         stats = [(p, os.stat(p).st_size) for p in files]
         return GqlmPythonStdlib, "py" + fingerprint_of(repr(stats)), {}
     if corpus == "text_files":
-        if not data_config.glob:
-            raise ConfigError("data.glob must be set when data.corpus='text_files'")
+        check_glob(data_config)
         files = _glob_files(data_config.glob)
         stats = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files]
         return GqlmTextFiles, "g" + fingerprint_of(data_config.glob, repr(stats)), {"files": files}
-    raise ConfigError(f"data.corpus={corpus!r} must be one of shakespeare, python_stdlib, text_files")
+    check_choice("data.corpus", corpus, BUILTIN_CORPORA)
 
 
 @contextlib.contextmanager

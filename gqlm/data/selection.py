@@ -26,7 +26,9 @@ import numpy as np
 from absl import flags
 
 from gqlm import cli
-from gqlm.config import ConfigDict, ConfigError
+from gqlm.config import ConfigDict, ConfigError, base_config
+from gqlm.data import corpora
+from gqlm.data.score_files import read_scores
 from gqlm.tokenizers.base import text_to_bytes
 
 
@@ -81,7 +83,6 @@ def check_same_documents(prior_meta: dict, target_meta: dict, n_prior: int, n_ta
 
 
 def data_config_of(meta: dict) -> ConfigDict:
-    from gqlm.config import base_config
     config = base_config()
     config.data.corpus, config.data.glob, config.data.data_dir = meta["corpus"], meta["glob"], meta["data_dir"]
     return config.data
@@ -97,8 +98,6 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from gqlm.data import corpora
-    from gqlm.score import read_scores
     FLAGS = flags.FLAGS
     if not (FLAGS.prior and FLAGS.target and FLAGS.out):
         cli.fail("--prior, --target and --out are required")

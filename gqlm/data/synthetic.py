@@ -34,11 +34,13 @@ from typing import Callable, Iterable, NamedTuple
 import grain
 import numpy as np
 
-from gqlm.config import PHONEBOOK_NAMES, SYNTHETIC_TASKS, ConfigDict, ConfigError
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.config.data import (PHONEBOOK_NAMES, SYNTHETIC_PREFIX, SYNTHETIC_TASKS, check_corpus, check_parity_k,
+                              check_phonebook_size)
 from gqlm.data import packing
 from gqlm.tokenizers.base import Tokenizer
 
-PREFIX = "synthetic:"
+PREFIX = SYNTHETIC_PREFIX
 _SPLIT_IDS = {"train": 0, "validation": 1}
 _LENGTH_SPLIT_ID = 2  # evaluation rows at one fixed length
 _LETTERS = np.array(list(string.ascii_lowercase))
@@ -51,11 +53,10 @@ def is_synthetic(corpus: str) -> bool:
 
 
 def task_of(corpus: str) -> str:
-    task = corpus.removeprefix(PREFIX)
-    if not is_synthetic(corpus) or task not in SYNTHETIC_TASKS:
-        raise ConfigError(f"data.corpus={corpus!r} is not one of "
-                          f"{', '.join(PREFIX + t for t in SYNTHETIC_TASKS)}")
-    return task
+    check_corpus(corpus)
+    if not is_synthetic(corpus):
+        raise ConfigError(f"data.corpus={corpus!r} is not one of {', '.join(PREFIX + t for t in SYNTHETIC_TASKS)}")
+    return corpus.removeprefix(PREFIX)
 
 
 class Spec(NamedTuple):
@@ -75,9 +76,7 @@ class Spec(NamedTuple):
 
 def parity_positions(spec: Spec) -> np.ndarray:
     """The k secret bit positions of sparse parity (sorted, all < min_len, fixed by the seed)."""
-    if not 1 <= spec.parity_k <= spec.min_len:
-        raise ConfigError(f"data.synthetic_parity_k={spec.parity_k} must lie in [1, data.synthetic_min_len="
-                          f"{spec.min_len}]")
+    check_parity_k(spec.parity_k, spec.min_len)
     rng = np.random.default_rng([spec.seed, 7919])
     return np.sort(rng.choice(spec.min_len, spec.parity_k, replace=False))
 
@@ -85,9 +84,7 @@ def parity_positions(spec: Spec) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def phonebook(spec: Spec) -> tuple[tuple[str, str], ...]:
     """The fixed book: (name, number) entries, a pure function of (seed, size, min_len, max_len)."""
-    if not 1 <= spec.phonebook_size <= PHONEBOOK_NAMES:
-        raise ConfigError(f"data.synthetic_phonebook_size={spec.phonebook_size} must lie in [1, {PHONEBOOK_NAMES}] "
-                          f"(the distinct 4-letter names)")
+    check_phonebook_size(spec.phonebook_size)
     rng = np.random.default_rng([spec.seed, 4391])
     codes = rng.choice(PHONEBOOK_NAMES, spec.phonebook_size, replace=False)  # distinct names
     letters_NL = _LETTERS[codes[:, None] // 26 ** np.arange(3, -1, -1)[None, :] % 26]

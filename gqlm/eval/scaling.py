@@ -251,7 +251,7 @@ def sweep_runs(path: str, root: str, key: str = "loss") -> list[Run]:
     """Every run of a sweep, with its size, tokens and final validation `key` (None if unfinished)."""
     from gqlm.config import load_experiment
     from gqlm.models.flops import count_params
-    from gqlm.tokenizers.base import load_tokenizer
+    from gqlm.tokenizers import load_tokenizer
     from gqlm.train.experiment import resolve_vocab
     path, args = load_sweep(path)
     runs, sizes = [], {}

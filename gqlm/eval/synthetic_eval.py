@@ -13,6 +13,7 @@ length the book has).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Sequence
 
@@ -24,9 +25,11 @@ from flax import nnx
 
 from gqlm import cli
 from gqlm import mesh as mesh_lib
-from gqlm.config import ConfigError
+from gqlm.config import ConfigError, apply_overrides
 from gqlm.data import synthetic
 from gqlm.data.pipeline import process_slice
+from gqlm.train.checkpoint import restore_trained
+from gqlm.train.tasks.lm import LMTask
 
 
 def exact_match(correct_BT: np.ndarray, loss_mask_BT: np.ndarray, segment_ids_BT: np.ndarray
@@ -115,12 +118,12 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS.workdir:
         cli.fail("--workdir is required")
-    from gqlm.train.experiment import restore_trained
     try:
         lengths = [int(n) for n in FLAGS.lengths]
     except ValueError:
         cli.fail(f"--lengths={','.join(FLAGS.lengths)} must be integers")
-    exp, step, state = restore_trained(FLAGS.workdir, cli.overrides(), FLAGS.step)
+    edit = functools.partial(apply_overrides, overrides=cli.overrides())
+    exp, step, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step, edit)
     with jax.set_mesh(exp.mesh):
         results = accuracy_by_length(exp, state.params, lengths or default_lengths(exp.config.data), FLAGS.batches)
     if jax.process_index() == 0:
@@ -134,5 +137,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.define_config_overrides()
     define_flags()
     cli.run(main)

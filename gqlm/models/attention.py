@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gqlm.config import ConfigDict, ConfigError
+from gqlm.config import ConfigDict
 from gqlm.models import positions as positions_lib
 from gqlm.models.layers import dtypes, normal_param, output_std
 
@@ -95,8 +95,6 @@ class Attention(nnx.Module):
         self.k = normal_param(rngs, (D, G, K), ("embed", "kv_heads", "kv"), std, param_dtype)
         self.v = normal_param(rngs, (D, G, K), ("embed", "kv_heads", "kv"), std, param_dtype)
         self.o = normal_param(rngs, (H, K, D), ("heads", "kv", "embed"), output_std(cfg), param_dtype)
-        if cfg.position not in positions_lib.POSITIONS:
-            raise ConfigError(f"model.position={cfg.position!r} must be one of rope, alibi, none")
         self.position = cfg.position
         self.rope_theta = float(cfg.rope_theta)
         self.attention_impl = resolve_attention_impl(cfg.get("attention_impl", "auto"), self.compute_dtype)

@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-POSITIONS = ("rope", "alibi", "none")
-
 
 def rope_inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
     """theta^(-2i/K) for i < K/2, as a float32 NumPy constant."""

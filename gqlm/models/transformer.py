@@ -90,13 +90,8 @@ class Transformer(nnx.Module):
         self.num_layers = cfg.num_layers
         self.scan_layers = bool(cfg.scan_layers)
         self.remat = bool(cfg.remat)
-        if self.scan_layers:
-            kinds = {i in moe_layers for i in range(cfg.num_layers)}
-            if len(kinds) > 1:
-                raise ConfigError(
-                    f"model.scan_layers=True needs all layers alike, but only layers "
-                    f"{sorted(moe_layers)} of {cfg.num_layers} are MoE (see model.moe.every/layers)")
-            self.blocks = _stacked_blocks(cfg, kinds.pop(), rngs)
+        if self.scan_layers:  # config.model.validate: all layers alike
+            self.blocks = _stacked_blocks(cfg, bool(moe_layers), rngs)
         else:
             self.blocks = nnx.List([Block(cfg, moe=i in moe_layers, rngs=rngs)
                                     for i in range(cfg.num_layers)])

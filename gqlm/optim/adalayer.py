@@ -23,14 +23,8 @@ class ScaleByAdalayerState(NamedTuple):
 
 
 def path_str(path: tuple) -> str:
-    """'/'-joined pytree key path, e.g. 'blocks/0/attn/q/kernel'."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
+    """'/'-joined key path, e.g. 'blocks/0/attn/q': what head_pattern and optimizer.groups match."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def second_moment_shape(shape: tuple[int, ...], is_head: bool) -> tuple[int, ...]:

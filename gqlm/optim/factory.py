@@ -17,12 +17,12 @@ import jax
 import optax
 
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.config.optimizer import MAIN_GROUP, validate, validate_group
 from gqlm.optim.adalayer import path_str
 from gqlm.optim.state_sharding import opt_state_shardings  # noqa: F401  (re-exported)
 from gqlm.optim.zoo import BUILDERS
 
-MAIN = "__main__"
-SCHEDULES = ("cosine", "linear", "constant")
+MAIN = MAIN_GROUP  # the label of parameters no group matches
 
 
 def decay_mask(params: Any) -> Any:
@@ -33,12 +33,6 @@ def decay_mask(params: Any) -> Any:
 def make_schedule(o: ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 over warmup_steps, then cosine / linear / constant decay to
     min_lr_ratio * learning_rate at total_steps."""
-    if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optimizer.schedule={o.schedule!r} must be one of {', '.join(SCHEDULES)}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     lr, warmup = o.learning_rate, o.warmup_steps
     decay_steps = max(total_steps - warmup, 1)
     decay = {
@@ -51,50 +45,13 @@ def make_schedule(o: ConfigDict, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def _check_hyperparameters(o: ConfigDict) -> None:
-    if o.name not in BUILDERS:
-        raise ConfigError(f"optimizer.name={o.name!r} is not one of {', '.join(BUILDERS)}")
-    if not o.learning_rate > 0:
-        raise ConfigError(f"optimizer.learning_rate={o.learning_rate} must be positive")
-    for key in ("b1", "b2"):
-        if not 0 <= o[key] < 1:
-            raise ConfigError(f"optimizer.{key}={o[key]} must lie in [0, 1)")
-    if o.shampoo_beta >= 1:
-        raise ConfigError(f"optimizer.shampoo_beta={o.shampoo_beta} must be < 1 (negative = b2)")
-    if o.precondition_frequency < 1:
-        raise ConfigError(f"optimizer.precondition_frequency={o.precondition_frequency} must be >= 1")
-    if o.max_precond_dim < 1:
-        raise ConfigError(f"optimizer.max_precond_dim={o.max_precond_dim} must be >= 1")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-    if o.grad_clip < 0:
-        raise ConfigError(f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
-    try:
-        re.compile(o.adalayer_head_pattern)
-    except re.error as e:
-        raise ConfigError(f"optimizer.adalayer_head_pattern={o.adalayer_head_pattern!r}: {e}") from None
-
-
 def _parse_groups(o: ConfigDict) -> list[dict]:
-    groups, names = [], set()
+    """The groups of `optimizer.groups`, each checked (config/optimizer.py) and its pattern compiled."""
+    groups = []
     for i, g in enumerate(o.groups):
-        where = f"optimizer.groups[{i}]"
-        missing = [k for k in ("name", "pattern", "optimizer") if k not in g]
-        if missing:
-            raise ConfigError(f"{where} lacks key(s) {', '.join(missing)}")
-        name, mult = g["name"], g.get("lr_multiplier", 1.0)
-        if name in names or name == MAIN:
-            raise ConfigError(f"{where}.name={name!r} is used twice or reserved")
-        names.add(name)
-        if g["optimizer"] not in BUILDERS:
-            raise ConfigError(f"{where}.optimizer={g['optimizer']!r} is not one of {', '.join(BUILDERS)}")
-        if not mult > 0:
-            raise ConfigError(f"{where}.lr_multiplier={mult} must be positive")
-        try:
-            pattern = re.compile(g["pattern"])
-        except re.error as e:
-            raise ConfigError(f"{where}.pattern={g['pattern']!r} is not a regex: {e}") from None
-        groups.append(dict(name=name, pattern=pattern, optimizer=g["optimizer"], lr_multiplier=mult))
+        validate_group(g, f"optimizer.groups[{i}]")
+        groups.append(dict(name=g["name"], pattern=re.compile(g["pattern"]), optimizer=g["optimizer"],
+                           lr_multiplier=g.get("lr_multiplier", 1.0)))
     return groups
 
 
@@ -122,7 +79,7 @@ def make_optimizer(opt_cfg: ConfigDict, total_steps: int,
                    params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(transform, main learning-rate schedule) for a pure-dict params tree (arrays or shapes)."""
     o = opt_cfg
-    _check_hyperparameters(o)
+    validate(o)  # also run by config.validate; repeated here for optimizers built outside an experiment
     schedule = make_schedule(o, total_steps)
     groups = _parse_groups(o)
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []

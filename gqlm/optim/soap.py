@@ -231,6 +231,71 @@ def update_bases(branch: jax.Array, stats: list[tuple], bases: list[tuple]
 # ----------------------------------------------------------------------------- transforms
 
 
+def _init_precond(p: Any, dtype: Any, **shape_opts) -> Preconditioner:
+    """Zero statistics and bases for the dimensions `layout` preconditions (None elsewhere)."""
+    dims, active = layout(p.shape, **shape_opts)
+    sizes = _group_sizes(p.shape, dims)
+    zeros = tuple(jnp.zeros((n, n), dtype) if on else None for n, on in zip(sizes, active))
+    return Preconditioner(stats=zeros, bases=zeros, dims=dims)
+
+
+def _param_step(g: jax.Array, mu: jax.Array, nu: jax.Array, pc: Preconditioner, t: jax.Array, *,
+                b1: float, b2: float, shampoo_beta: float, eps: float, normalize_grads: bool,
+                dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, tuple]:
+    """One parameter's (direction, mu, nu, statistics) from its current bases.
+
+    The statistics absorb g here (zero statistics at the first call give exactly the reference's
+    initial lerp from zero); the bases change only in `_refresh`, after every parameter's step.
+    """
+    g = g.astype(dtype)
+    mu = b1 * mu + (1 - b1) * g
+    stats = pc.stats
+    if any(st is not None for st in stats):
+        direction, nu, stats = rotated_step(
+            _to_layout(g, pc.dims), _to_layout(mu, pc.dims), _to_layout(nu, pc.dims), stats, pc.bases,
+            b2=b2, shampoo_beta=shampoo_beta, eps=eps)
+        direction, nu = direction.reshape(g.shape), nu.reshape(g.shape)
+    else:  # nothing preconditioned: plain Adam
+        nu = b2 * nu + (1 - b2) * jnp.square(g)
+        direction = mu / (jnp.sqrt(nu) + eps)
+    if normalize_grads:
+        direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
+    tf = t.astype(dtype)
+    direction = direction * (jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf))
+    return direction, mu, nu, stats
+
+
+def _refresh(branch: jax.Array, nus: list, stats: list, preconds: list) -> tuple[list, list]:
+    """(nu, Preconditioner) per parameter once `update_bases` has run `branch` (0 keep / 1 first
+    eigh / 2 QR refresh) on the updated statistics: one switch for all parameters."""
+    bases, orders = update_bases(branch, stats, [pc.bases for pc in preconds])
+    # v follows the eigenvalue order (the orders are the identity unless refreshing).
+    nus = [permute(_to_layout(nu, pc.dims), order).reshape(nu.shape)
+           for nu, pc, order in zip(nus, preconds, orders)]
+    preconds = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, b in zip(preconds, stats, bases)]
+    return nus, preconds
+
+
+def _update(updates: Any, state: ScaleBySoapState, precondition_frequency: int,
+            **step_opts) -> tuple[Any, ScaleBySoapState]:
+    """scale_by_soap's update: each parameter's `_param_step`, then the bases' `_refresh`."""
+    treedef = jax.tree.structure(updates)
+    gs, mus, nus, pcs = (treedef.flatten_up_to(x) for x in (updates, state.mu, state.nu, state.precond))
+    t = state.count + 1
+    outs = [_param_step(g, mu, nu, pc, t, **step_opts) for g, mu, nu, pc in zip(gs, mus, nus, pcs)]
+    # The first call only builds statistics and bases: no update, moments untouched.
+    first = ~state.initialized
+    directions = [jnp.where(first, 0, d).astype(g.dtype) for (d, *_), g in zip(outs, gs)]
+    new_mus = [jnp.where(first, mu, m) for (_, m, _, _), mu in zip(outs, mus)]
+    new_nus = [jnp.where(first, nu, n) for (*_, n, _), nu in zip(outs, nus)]
+    branch = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
+    new_nus, precond = _refresh(branch, new_nus, [o[3] for o in outs], pcs)
+    new_state = ScaleBySoapState(
+        count=jnp.where(first, state.count, t), initialized=jnp.ones([], bool),
+        mu=treedef.unflatten(new_mus), nu=treedef.unflatten(new_nus), precond=treedef.unflatten(precond))
+    return treedef.unflatten(directions), new_state
+
+
 def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, eps: float = 1e-8,
                   precondition_frequency: int = 10, max_precond_dim: int = 10000,
                   merge_dims: bool = False, precondition_1d: bool = False,
@@ -240,66 +305,21 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
 
     shampoo_beta < 0 means b2. The first call returns zeros and only builds the statistics.
     """
-    sb = b2 if shampoo_beta < 0 else shampoo_beta
     dtype = jnp.dtype(linalg_dtype)
     shape_opts = dict(max_precond_dim=max_precond_dim, merge_dims=merge_dims,
                       precondition_1d=precondition_1d)
-
-    def init_precond(p):
-        dims, active = layout(p.shape, **shape_opts)
-        sizes = _group_sizes(p.shape, dims)
-        zeros = tuple(jnp.zeros((n, n), dtype) if on else None for n, on in zip(sizes, active))
-        return Preconditioner(stats=zeros, bases=zeros, dims=dims)
+    step_opts = dict(b1=b1, b2=b2, shampoo_beta=b2 if shampoo_beta < 0 else shampoo_beta, eps=eps,
+                     normalize_grads=normalize_grads, dtype=dtype)
 
     def init(params):
         zeros = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
         return ScaleBySoapState(count=jnp.zeros([], jnp.int32), initialized=jnp.zeros([], bool),
                                 mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
-                                precond=jax.tree.map(init_precond, params))
-
-    def step(g, mu, nu, pc, t):
-        """Direction and moments from the current bases; statistics absorb g (zero stats at
-        the first call give exactly the reference's initial lerp from zero)."""
-        g = g.astype(dtype)
-        mu = b1 * mu + (1 - b1) * g
-        stats = pc.stats
-        if any(st is not None for st in stats):
-            direction, nu, stats = rotated_step(
-                _to_layout(g, pc.dims), _to_layout(mu, pc.dims), _to_layout(nu, pc.dims), stats, pc.bases,
-                b2=b2, shampoo_beta=sb, eps=eps)
-            direction, nu = direction.reshape(g.shape), nu.reshape(g.shape)
-        else:  # plain Adam
-            nu = b2 * nu + (1 - b2) * jnp.square(g)
-            direction = mu / (jnp.sqrt(nu) + eps)
-        if normalize_grads:
-            direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
-        tf = t.astype(dtype)
-        direction = direction * (jnp.sqrt(1 - b2 ** tf) / (1 - b1 ** tf))
-        return direction, mu, nu, stats
+                                precond=jax.tree.map(lambda p: _init_precond(p, dtype, **shape_opts), params))
 
     def update(updates, state, params=None):
         del params
-        treedef = jax.tree.structure(updates)
-        flat = [treedef.flatten_up_to(x) for x in (updates, state.mu, state.nu, state.precond)]
-        t = state.count + 1
-        outs = [step(g, mu, nu, pc, t) for g, mu, nu, pc in zip(*flat)]
-        # The first call only builds statistics and bases: no update, moments untouched.
-        first = ~state.initialized
-        directions = [jnp.where(first, 0, d).astype(g.dtype) for (d, *_), g in zip(outs, flat[0])]
-        mus = [jnp.where(first, mu, m) for (_, m, _, _), mu in zip(outs, flat[1])]
-        nus = [jnp.where(first, nu, n) for (*_, n, _), nu in zip(outs, flat[2])]
-        stats = [o[3] for o in outs]
-
-        branch = jnp.where(first, 1, jnp.where(t % precondition_frequency == 0, 2, 0))
-        bases, orders = update_bases(branch, stats, [pc.bases for pc in flat[3]])
-        # v follows the eigenvalue order (the orders are the identity unless refreshing).
-        nus = [permute(_to_layout(nu, pc.dims), order).reshape(nu.shape)
-               for nu, pc, order in zip(nus, flat[3], orders)]
-        precond = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, b in zip(flat[3], stats, bases)]
-        new_state = ScaleBySoapState(
-            count=jnp.where(first, state.count, t), initialized=jnp.ones([], bool),
-            mu=treedef.unflatten(mus), nu=treedef.unflatten(nus), precond=treedef.unflatten(precond))
-        return treedef.unflatten(directions), new_state
+        return _update(updates, state, precondition_frequency, **step_opts)
 
     return optax.GradientTransformation(init, update)
 

@@ -1,14 +1,14 @@
 """Optimizer-state shardings derived from the parameters' shardings.
 
-Every optax state leaf that belongs to a parameter sits under that parameter's dict keys (for
-multi_transform and chains too), so the owner is the longest param path that is a suffix of the
-leaf's dict keys. Then: a leaf shaped like its parameter takes the parameter's spec; one with
-size-1 dims (Adalayer) or one dim dropped (Adafactor's factored moments) keeps the specs of the
-dims it kept; SOAP statistics (rows) and eigenbases (columns) are split over every mesh axis that
-divides them, whatever the parameter's sharding, and the second moment (kept in the eigenbasis)
-is split along the dimension the step keeps split: the layouts SOAP's per-step math works in
-(`soap_split`); a data-parallel mesh shares them too. Everything else (counts) is replicated.
-Mesh axes that do not divide a dimension are dropped (`mesh.fit_spec`).
+`optax.tree_map_params` finds the copies of the parameter tree inside the state (for chains and
+multi_transform groups too: another group's parameters are `optax.MaskedNode`s there) and hands
+each state leaf its parameter. Then: a leaf shaped like its parameter takes the parameter's spec;
+one with size-1 dims (Adalayer) or one dim dropped (Adafactor's factored moments) keeps the specs
+of the dims it kept; SOAP statistics (rows) and eigenbases (columns) are split over every mesh
+axis that divides them, whatever the parameter's sharding, and the second moment (kept in the
+eigenbasis) is split along the dimension the step keeps split: the layouts SOAP's per-step math
+works in (`soap_split`); a data-parallel mesh shares them too. Everything else (counts) is
+replicated. Mesh axes that do not divide a dimension are dropped (`mesh.fit_spec`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqlm.mesh import fit_spec
-from gqlm.optim.adalayer import path_str
 from gqlm.optim.soap import Preconditioner, ScaleBySoapState
 from gqlm.optim.soap_split import basis_spec, rotated_spec, statistic_spec
 
@@ -37,56 +36,48 @@ def _derived_spec(shape: tuple[int, ...], param_shape: tuple[int, ...], spec: tu
     return None
 
 
+def _precond_shardings(pc: Preconditioner, mesh: Mesh) -> Preconditioner:
+    def one(x, spec_of):
+        return None if x is None else NamedSharding(mesh, spec_of(x.shape[0], mesh))
+    return Preconditioner(stats=tuple(one(x, statistic_spec) for x in pc.stats),
+                          bases=tuple(one(x, basis_spec) for x in pc.bases), dims=pc.dims)
+
+
+def _param_leaf_sharding(leaf: Any, param: jax.ShapeDtypeStruct, sharding: NamedSharding,
+                         mesh: Mesh) -> Any:
+    """Sharding of one state leaf that tree_map_params pairs with `param`."""
+    if isinstance(leaf, optax.MaskedNode):  # the parameter belongs to another group
+        return leaf
+    if isinstance(leaf, Preconditioner):
+        return _precond_shardings(leaf, mesh)
+    spec = tuple(sharding.spec) + (None,) * (len(param.shape) - len(sharding.spec))
+    derived = _derived_spec(tuple(leaf.shape), tuple(param.shape), spec) if leaf.shape else None
+    return NamedSharding(mesh, fit_spec(P() if derived is None else derived, leaf.shape, mesh))
+
+
+def _with_rotated_nu(shardings: Any, abstract_state: Any, mesh: Mesh) -> Any:
+    """SOAP's nu resharded to the eigenbasis layout of its parameter's Preconditioner."""
+    def nu_sharding(nu, pc, default):
+        spec = rotated_spec(nu.shape, pc.dims, [st is not None for st in pc.stats], mesh)
+        return default if spec is None else NamedSharding(mesh, spec)
+
+    def fix(node, abstract):
+        if not isinstance(node, ScaleBySoapState):
+            return node
+        return node._replace(nu=jax.tree.map(nu_sharding, abstract.nu, abstract.precond, node.nu))
+
+    return jax.tree.map(fix, shardings, abstract_state, is_leaf=lambda x: isinstance(x, ScaleBySoapState))
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
                         param_shardings: Any, mesh: Mesh) -> Any:
     """Tree of NamedSharding matching `jax.eval_shape(tx.init, abstract_params)`."""
     abstract_state = jax.eval_shape(tx.init, abstract_params)
-    owners = {}
-    flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    for (path, leaf), sharding in zip(flat_params, jax.tree.leaves(param_shardings)):
-        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-        owners[path_str(path)] = (tuple(leaf.shape), spec)
-
-    def owner(path):
-        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-        for i in range(len(keys)):
-            found = owners.get("/".join(keys[i:]))
-            if found:
-                return found
-        return None
-
-    def named(spec: P, shape) -> NamedSharding:
-        return NamedSharding(mesh, fit_spec(spec, shape, mesh))
-
-    def precond_shardings(pc: Preconditioner) -> Preconditioner:
-        def one(x, spec_of):
-            return None if x is None else NamedSharding(mesh, spec_of(x.shape[0], mesh))
-        return Preconditioner(stats=tuple(one(x, statistic_spec) for x in pc.stats),
-                              bases=tuple(one(x, basis_spec) for x in pc.bases), dims=pc.dims)
-
-    def leaf_sharding(path, leaf):
-        found = owner(path)
-        if isinstance(leaf, Preconditioner):
-            return precond_shardings(leaf)
-        if found is None or not leaf.shape:
-            return named(P(), leaf.shape)
-        spec = _derived_spec(tuple(leaf.shape), *found)
-        return named(spec if spec is not None else P(), leaf.shape)
-
-    def is_node(x):
-        return isinstance(x, (Preconditioner, ScaleBySoapState))
-
-    def node_sharding(path, node):
-        if not isinstance(node, ScaleBySoapState):
-            return leaf_sharding(path, node)
-        fields = {f: jax.tree_util.tree_map_with_path(
-            lambda p, x, f=f: leaf_sharding(path + (jax.tree_util.GetAttrKey(f),) + p, x),
-            getattr(node, f), is_leaf=is_node) for f in node._fields}
-
-        def nu_sharding(nu, pc, default):  # nu lives in the eigenbasis, split like the step keeps it
-            spec = rotated_spec(nu.shape, pc.dims, [st is not None for st in pc.stats], mesh)
-            return default if spec is None else NamedSharding(mesh, spec)
-        fields["nu"] = jax.tree.map(nu_sharding, node.nu, node.precond, fields["nu"])
-        return ScaleBySoapState(**fields)
-
-    return jax.tree_util.tree_map_with_path(node_sharding, abstract_state, is_leaf=is_node)
+    shardings = optax.tree_map_params(
+        tx, lambda leaf, p, s: _param_leaf_sharding(leaf, p, s, mesh),
+        abstract_state, abstract_params, param_shardings,
+        transform_non_params=lambda x: NamedSharding(mesh, fit_spec(P(), x.shape, mesh)),
+        is_leaf=lambda x: isinstance(x, (optax.MaskedNode, Preconditioner)))
+    # tree_map_params cannot tell SOAP's nu from its mu (both parameter copies), and nu's layout
+    # needs the same parameter's Preconditioner, a sibling field: so nu is fixed up afterwards.
+    return _with_rotated_nu(shardings, abstract_state, mesh)

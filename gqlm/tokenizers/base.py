@@ -1,5 +1,5 @@
-"""The Tokenizer protocol, the lossless text <-> bytes mapping every tokenizer shares, and
-`load_tokenizer(spec)`.
+"""The Tokenizer protocol, the lossless text <-> bytes mapping every tokenizer shares, and the
+manifest every tokenizer directory carries.
 
 Lossless bytes for ANY Python str
 ---------------------------------
@@ -157,23 +157,3 @@ def fingerprint_of(*parts: str | bytes) -> str:
         h.update(p.encode() if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """`byte`, `bpe:DIR` or `gqvae:DIR` (the value of config.data.tokenizer)."""
-    kind, sep, path = spec.partition(":")
-    if kind == "byte" and not sep:
-        from gqlm.tokenizers.byte import ByteTokenizer
-        return ByteTokenizer()
-    if kind in ("bpe", "gqvae") and path:
-        path = os.path.expanduser(path)
-        read_manifest(path, kind)  # Fails early, naming the path, for the wrong kind of dir.
-        if kind == "bpe":
-            from gqlm.tokenizers.bpe import BPETokenizer
-            return BPETokenizer.load(path)
-        from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
-        return GQVAETokenizer.load(path)
-    raise ConfigError(f"data.tokenizer={spec!r} must be 'byte', 'bpe:DIR' or 'gqvae:DIR'")

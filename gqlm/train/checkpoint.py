@@ -17,7 +17,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gqlm.config import ConfigDict, ConfigError, config_from_dict
+from gqlm.train.experiment import Builder, Experiment, build_experiment
 from gqlm.train.state import TrainState
 
 MANIFEST = "gqlm_manifest.json"
@@ -249,8 +250,7 @@ def check_compatible(manager: ocp.CheckpointManager, where: str, step: int, abst
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
-            for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
 
 
 # ----------------------------------------------------------------------------- read-only access
@@ -313,3 +313,15 @@ def load_config(workdir: str) -> ConfigDict:
     """The config saved with a workdir's newest verified checkpoint."""
     with SavedRun(workdir) as run:
         return run.config()
+
+
+def restore_trained(workdir: str, task: Builder, step: int | None = None,
+                    edit: Callable[[ConfigDict], ConfigDict] | None = None) -> tuple[Experiment, int, Any]:
+    """(experiment, step, state) of a training workdir's checkpoint (default: the newest that
+    verifies), restored onto the mesh of its saved config, changed first by `edit` if given
+    (e.g. command-line overrides: another mesh, another corpus)."""
+    with SavedRun(workdir, step) as run:
+        config = run.config()
+        exp = build_experiment(edit(config) if edit else config, task)
+        with jax.set_mesh(exp.mesh):
+            return exp, run.step, run.state(exp.abstract)

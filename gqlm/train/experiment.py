@@ -1,12 +1,13 @@
 """Everything a config determines before any data is read: mesh, tokenizer, model, optimizer, shardings.
 
-Shared by training, evaluation and sampling, so all three see the same model and layout.
+Shared by training, evaluation and sampling, so all three see the same model and layout. What is
+built (the LM, the GQ-VAE tokenizer model) is the task's (tasks/); the entry point picks the task.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -14,30 +15,37 @@ import optax
 from jax.sharding import Mesh
 
 from gqlm import config as config_lib
-from gqlm.config import ConfigDict, ConfigError
 from gqlm import mesh as mesh_lib
+from gqlm.config import ConfigDict, ConfigError
 from gqlm.mesh import make_mesh
 from gqlm.optim.factory import make_optimizer
-from gqlm.tokenizers.base import Tokenizer, load_tokenizer
+from gqlm.tokenizers import load_tokenizer
+from gqlm.tokenizers.base import Tokenizer
 from gqlm.train import state as state_lib
+from gqlm.train.step import make_eval_step, make_train_step
 
 
 class Experiment(NamedTuple):
     config: ConfigDict  # with model.vocab_size resolved
     mesh: Mesh
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for the GQ-VAE tokenizer model, which reads bytes
     model: state_lib.Model
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    shardings: state_lib.TrainState
-    abstract: state_lib.TrainState  # ShapeDtypeStructs with shardings
-    task: Any = None  # gqlm.train.task.Task: what the runner trains (LM or GQ-VAE)
+    shardings: Any  # the train state's tree of NamedSharding
+    abstract: Any  # the train state's ShapeDtypeStructs, with shardings
 
     @property
     def token_bytes(self) -> jax.Array:
         table = self.tokenizer.token_bytes()
         padded = jnp.zeros((self.config.model.vocab_size,), jnp.float32)
         return padded.at[: len(table)].set(jnp.asarray(table, jnp.float32))
+
+
+class Builder(Protocol):
+    """What `build_experiment` needs of a task (tasks/base.py Task)."""
+
+    def build(self, config: ConfigDict, mesh: Mesh) -> Experiment: ...
 
 
 def enable_compile_cache(train_cfg: ConfigDict) -> None:
@@ -58,57 +66,26 @@ def resolve_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
     return config
 
 
-def build_experiment(config: ConfigDict, task: Any = None) -> Experiment:
-    """Validates the config and builds the abstract experiment of its task (default: the one the
-    config names, gqlm.train.task.task_for); nothing large is allocated."""
-    from gqlm.train.task import task_for  # task.py builds experiments with this module
+def build_experiment(config: ConfigDict, task: Builder) -> Experiment:
+    """Validates the config and builds the task's abstract experiment; nothing large is allocated."""
     config_lib.validate(config, jax.device_count())
     enable_compile_cache(config.train)
-    mesh = make_mesh(config.mesh)
-    return (task or task_for(config)).build(config, mesh)
+    return task.build(config, make_mesh(config.mesh))
 
 
-def build_lm(config: ConfigDict, mesh: Mesh, task: Any) -> Experiment:
-    """The language model's experiment (LMTask.build)."""
+def build_lm(config: ConfigDict, mesh: Mesh) -> Experiment:
+    """The language model's experiment."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     config = resolve_vocab(config, tokenizer)
     model = state_lib.build_model(config.model, config.mesh.rules, mesh)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, model.abstract_params)
     shardings = state_lib.state_shardings(model, tx, mesh)
     abstract = state_lib.abstract_state(model, tx, shardings)
-    return Experiment(config, mesh, tokenizer, model, tx, schedule, shardings, abstract, task)
-
-
-def dry_run_report(exp: Experiment) -> str:
-    """Parameter count, FLOPs/token, per-device memory and every parameter's sharding."""
-    memory = state_lib.describe(exp.abstract)
-    model_lines, optimizer = exp.task.describe(exp)
-    lines = [
-        f"mesh: {dict(exp.mesh.shape)} ({jax.device_count()} devices, {jax.devices()[0].platform})",
-        *model_lines,
-        f"per-device memory: params {memory['param_bytes_per_device'] / 2**20:,.1f} MiB, "
-        f"optimizer state {memory['opt_bytes_per_device'] / 2**20:,.1f} MiB "
-        f"({optimizer})",
-        "parameter shardings:",
-    ]
-    for name, shape, spec in state_lib.param_sharding_table(exp.model):
-        lines.append(f"  {name:<48} {str(shape):<22} {spec}")
-    return "\n".join(lines)
-
-
-def restore_trained(workdir: str, overrides: dict[str, str] | None = None,
-                    step: int | None = None) -> tuple[Experiment, int, state_lib.TrainState]:
-    """The experiment saved in a training workdir and its checkpointed state (any mesh)."""
-    from gqlm.train.checkpoint import SavedRun  # checkpoint imports this module's deps
-    with SavedRun(workdir, step) as run:
-        exp = build_experiment(config_lib.apply_overrides(run.config(), overrides or {}))
-        with jax.set_mesh(exp.mesh):
-            return exp, run.step, run.state(exp.abstract)
+    return Experiment(config, mesh, tokenizer, model, tx, schedule, shardings, abstract)
 
 
 def jit_train_step(exp: Experiment, donate: bool = True):
-    """The experiment's train step, jitted with its state and batch shardings (state donated)."""
-    from gqlm.train.step import make_train_step
+    """The LM train step, jitted with its state and batch shardings (state donated)."""
     batch_sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
     step = make_train_step(exp.model.graphdef, exp.tx, exp.schedule, exp.config, exp.token_bytes)
     return jax.jit(step, in_shardings=(exp.shardings, batch_sharding), out_shardings=(exp.shardings, None),
@@ -116,8 +93,7 @@ def jit_train_step(exp: Experiment, donate: bool = True):
 
 
 def jit_eval_step(exp: Experiment):
-    """The experiment's eval step (summed nats, tokens, bytes), jitted with its param and batch shardings."""
-    from gqlm.train.step import make_eval_step
+    """The LM eval step (summed nats, tokens, bytes), jitted with its param and batch shardings."""
     batch_sharding = mesh_lib.batch_sharding(exp.mesh, exp.config.mesh.rules)
     step = make_eval_step(exp.model.graphdef, exp.token_bytes, rules=exp.config.mesh.rules)
     return jax.jit(step, in_shardings=(exp.shardings.params, batch_sharding))

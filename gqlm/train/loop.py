@@ -3,7 +3,7 @@
 Per step: fetch this host's slice of the batch, assemble the global array, dispatch the jitted
 step, then read the *previous* step's metrics (so the host never stalls the device). Evaluation,
 checkpoints and preemption are checked between steps. What is trained (the LM or the GQ-VAE
-tokenizer model: batches, state, steps, evaluation) is the task's (task.py).
+tokenizer model: batches, state, steps, evaluation) is the task's (tasks/), picked by the caller.
 
 Reliability: SIGTERM/SIGINT (or TPU's preemption sync point) -> checkpoint, exit cleanly; a
 non-finite step is never applied (train.nonfinite: 'skip' counts it, 'stop' checkpoints the last
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ from gqlm.train import state as state_lib
 from gqlm.train.checkpoint import Checkpointer
 from gqlm.train.experiment import build_experiment
 from gqlm.train.metrics import MetricWriter, Throughput
-from gqlm.train.task import Task, make_eval_batches, make_train_iterator
+from gqlm.train.tasks.base import Task
 
 
 class TrainingStopped(RuntimeError):
@@ -65,20 +66,17 @@ class PreemptionWatcher:
         self.restore()
 
 
-def train(config: ConfigDict, workdir: str, stop_at: int | None = None, task: Task | None = None
-          ) -> dict[str, float]:
-    """Trains (or resumes) the experiment in `workdir`; returns the final validation metrics.
-
-    `stop_at` ends this run early (with a checkpoint) at that step, e.g. for a time-limited allocation.
-    `task` overrides the config's (gqlm.train.task.task_for), e.g. a GQ-VAE on in-memory texts.
-    """
+def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = None) -> dict[str, float]:
+    """Trains (or resumes) `task`'s experiment of `config` in `workdir`; returns the final
+    validation metrics. `stop_at` ends this run early (with a checkpoint) at that step, e.g. for
+    a time-limited allocation."""
     with contextlib.ExitStack() as cleanup:  # Closed in reverse: writer, mesh, checkpointer, signals.
         watcher = cleanup.enter_context(PreemptionWatcher())  # From the start: a signal in set-up saves at step 1.
         exp = build_experiment(config, task)
-        cfg, train_cfg, task = exp.config, exp.config.train, exp.task
+        cfg, train_cfg = exp.config, exp.config.train
         is_main = jax.process_index() == 0
-        data_iter = make_train_iterator(exp)
-        eval_batches = make_eval_batches(exp)
+        data_iter = make_train_iterator(task, exp)
+        eval_batches = task.eval_batches(exp)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
         throughput = task.throughput(exp)
         # The Checkpointer is the first write to the workdir: every input has been checked by now.
@@ -89,14 +87,14 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None, task: Ta
             print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
         elif state is None:
             state = task.init_state(exp)
-        train_step = task.train_step(exp)
-        evaluate = task.evaluator(exp)
+        train_step, evaluate = task.train_step(exp), task.evaluator(exp)
         writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
-        start = int(jax.device_get(state.step))
-        last = min(train_cfg.steps, stop_at or train_cfg.steps)
+        start, last = int(jax.device_get(state.step)), min(train_cfg.steps, stop_at or train_cfg.steps)
         progress = tqdm(range(start, last), initial=start, total=train_cfg.steps,
                         disable=not (is_main and train_cfg.progress), dynamic_ncols=True, desc="train")
         say = progress.write if is_main else (lambda message: None)
+        log = lambda pending: report(pending, writer, progress, throughput, train_cfg.log_every,  # noqa: E731
+                                     task.progress_keys)
         pending, eval_metrics, skipped = None, {}, 0
         for step in progress:
             batch = to_global(next(data_iter), batch_sharding)
@@ -104,7 +102,7 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None, task: Ta
                 state, metrics = train_step(state, batch)
             done = step + 1
             if pending is not None:  # Step t-1's metrics, read while step t runs.
-                skipped += report(pending, writer, progress, throughput, train_cfg.log_every, task.progress_keys)
+                skipped += log(pending)
                 stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
             pending = (done, metrics)
             if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
@@ -119,13 +117,18 @@ def train(config: ConfigDict, workdir: str, stop_at: int | None = None, task: Ta
                 say(f"preempted: saved step {done} to {checkpointer.step_dir(done)}")
                 break
         if pending is not None:
-            skipped += report(pending, writer, progress, throughput, train_cfg.log_every, task.progress_keys)
+            skipped += log(pending)
             stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
         progress.close()
         checkpointer.wait()  # Sealed (manifest written) before the sample, which may take a while.
         if is_main and int(jax.device_get(state.step)) == train_cfg.steps:
             task.finish(exp, state)
     return {**eval_metrics, "skipped_steps": skipped}
+
+
+def make_train_iterator(task: Task, exp) -> Any:
+    """The task's training batches (one name, so a test can wrap the stream the loop reads)."""
+    return task.train_iterator(exp)
 
 
 def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, throughput: Throughput,

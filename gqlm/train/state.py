@@ -34,14 +34,19 @@ class Model(NamedTuple):
     param_shardings: Any  # pure dict of NamedSharding
 
 
-def build_model(model_cfg: ConfigDict, rules, mesh: Mesh) -> Model:
-    """Abstract model (nothing allocated) with the shardings its logical axes map to."""
-    abstract_module = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_module)
+def model_layout(abstract_module: nnx.Module, rules, mesh: Mesh, *filters: Any) -> Model:
+    """The Model of an abstract module (`nnx.eval_shape`): its state (of `filters`) as pure-dict
+    ShapeDtypeStructs, with the shardings its logical axes map to."""
+    graphdef, abstract_state = nnx.split(abstract_module, *filters)
     shardings = mesh_lib.param_shardings(abstract_state, rules, mesh)
     abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     return Model(graphdef, abstract_params, shardings)
+
+
+def build_model(model_cfg: ConfigDict, rules, mesh: Mesh) -> Model:
+    """Abstract transformer (nothing allocated) with the shardings its logical axes map to."""
+    return model_layout(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), rules, mesh)
 
 
 def init_params(model_cfg: ConfigDict, rng: jax.Array) -> Any:
@@ -66,6 +71,11 @@ def abstract_state(model: Model, tx: optax.GradientTransformation, shardings: Tr
         opt_state=jax.eval_shape(tx.init, model.abstract_params),
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
+    return with_shardings(shapes, shardings)
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `shapes` carrying the matching `shardings` (a restore target)."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -94,6 +104,5 @@ def param_sharding_table(model: Model) -> list[tuple[str, tuple[int, ...], str]]
     flat = jax.tree_util.tree_flatten_with_path(model.abstract_params)[0]
     shardings = jax.tree.leaves(model.param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, leaf), sharding in zip(flat, shardings):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        rows.append((name, tuple(leaf.shape), str(sharding.spec)))
+        rows.append((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), str(sharding.spec)))
     return rows

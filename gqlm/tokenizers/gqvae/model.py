@@ -229,3 +229,19 @@ def segment(model: GQVAE, bytes_BT: jnp.ndarray, lengths_B: jnp.ndarray, max_tok
     else:
         g_BT = finalize_gates(jax.nn.sigmoid(model.gater(e_BTD, valid_BT)), lengths_B)
     return hard_boundaries(g_BT, lengths_B, max_token_len), codes_BT
+
+
+def make_model(cfg: ConfigDict, seed: Any = 0) -> GQVAE:
+    """The model of a `gqvae` config section; `seed` is an int or a PRNG key."""
+    return GQVAE(cfg, nnx.Rngs(params=seed))
+
+
+def split_params(model: GQVAE) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params as a pure dict) of a model."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_model(cfg: ConfigDict) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params as ShapeDtypeStructs) of a `gqvae` section's model; nothing allocated."""
+    return split_params(nnx.eval_shape(lambda: make_model(cfg)))

@@ -37,16 +37,16 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.config import gqvae as gqvae_config
 from gqlm.tokenizers.base import (TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
-from gqlm.tokenizers.gqvae.model import GQVAE, finalize_gates, fixed_gates, hard_boundaries, valid_mask
+from gqlm.tokenizers.gqvae.model import abstract_model
 from gqlm.tokenizers.gqvae.piece_runner import PieceRunner, rows_for
 from gqlm.tokenizers.gqvae.pretoken_store import PretokenIds
 from gqlm.tokenizers.gqvae.pretokenize import pack_pieces, pretokens, split_piece
-from gqlm.tokenizers.gqvae.train import config_from_dict, load_checkpoint, make_model, split_params
+from gqlm.tokenizers.gqvae.segmenter import fixed_cuts, jitted_segmenter, model_devices
 
 KIND = "gqvae"
 FORMAT_VERSION = 2  # 2: exact-length buckets (piece_runner; 1's 512-position buckets could round differently)
@@ -65,42 +65,14 @@ def buckets_for(max_len: int) -> tuple[int, ...]:
     return tuple(b for b in BUCKETS if b < max_len) + (max_len,)
 
 
-def nearest_codes(z_ND: jnp.ndarray, codebook_CD: jnp.ndarray) -> jnp.ndarray:
-    """[N] int32 argmin_c ||z - e_c||^2 (ties: the lowest index), the quantizer's, ~2x faster on
-    XLA:CPU, where index-tracking reductions are slow: a plain max over each of G blocks of codes,
-    then an index reduction only over the block maxima and inside the winning block."""
-    # The quantizer's expansion ||e||^2 - 2 z.e, negated exactly: the largest score is the nearest.
-    score_NC = 2.0 * (z_ND @ codebook_CD.T) - jnp.sum(jnp.square(codebook_CD), -1)[None, :]
-    n, c = score_NC.shape
-    g = next(k for k in (64, 32, 16, 8, 4, 2, 1) if c % k == 0)
-    score_NGK = score_NC.reshape(n, g, c // g)
-    block_N = jnp.argmax(jnp.max(score_NGK, axis=-1), axis=-1)  # the first block holding the maximum
-    inner_N = jnp.argmax(jnp.take_along_axis(score_NGK, block_N[:, None, None], axis=1)[:, 0], axis=-1)
-    return (block_N * (c // g) + inner_N).astype(jnp.int32)
-
-
-def segment_pieces(model: GQVAE, bytes_BT: jnp.ndarray, lengths_B: jnp.ndarray, max_token_len: int,
-                   fixed_gate_every: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(token-end booleans [B, T], codes [B, T]): `model.segment` with the faster `nearest_codes`."""
-    valid_BT = valid_mask(lengths_B, bytes_BT.shape[1])
-    z_BTD = model.encoder(bytes_BT, valid_BT)
-    codebook_CD = model.quantizer.codebook[...]
-    b, t, d = z_BTD.shape
-    codes_BT = nearest_codes(z_BTD.reshape(b * t, d), codebook_CD).reshape(b, t)
-    if fixed_gate_every:
-        g_BT = fixed_gates(lengths_B, t, fixed_gate_every)
-    else:
-        e_BTD = jnp.take(codebook_CD, codes_BT, axis=0)
-        g_BT = finalize_gates(jax.nn.sigmoid(model.gater(e_BTD, valid_BT)), lengths_B)
-    return hard_boundaries(g_BT, lengths_B, max_token_len), codes_BT
-
-
 class GQVAETokenizer:
     kind = KIND
     bos_id, eos_id, pad_id = 256, 257, 258
 
-    def __init__(self, cfg: ConfigDict, graphdef: nnx.GraphDef, params: Any, tokens: Sequence[bytes]):
+    def __init__(self, cfg: ConfigDict, params: Any, tokens: Sequence[bytes]):
+        """`cfg`: the model's `gqvae` config section; `params`: its parameters (pure dict)."""
         self.cfg = cfg
+        graphdef, _ = abstract_model(cfg)
         self.params = jax.tree.map(jnp.asarray, params)
         self.tokens = list(tokens)
         self.vocab_size = FIRST_LEARNED + len(self.tokens)
@@ -114,9 +86,9 @@ class GQVAETokenizer:
         self._buckets = buckets_for(cfg.max_pretoken_len)
         self._bucket_of = [next(b for b in self._buckets if b >= n) for n in range(cfg.max_pretoken_len + 1)]
         every = cfg.fixed_gate_every
-        self._segment = _jitted_segmenter(graphdef, cfg.max_token_len, every, False)
+        self._segment = jitted_segmenter(graphdef, cfg.max_token_len, every, False)
         # Cuts alone: with fixed gates they do not depend on the model (XLA drops the unused encoder).
-        self._ends = _jitted_segmenter(graphdef, cfg.max_token_len, every, True)
+        self._ends = jitted_segmenter(graphdef, cfg.max_token_len, every, True)
         self._params_per_device: list[Any] | None = None  # placed on first use
         self._base_fingerprint = (KIND, str(FORMAT_VERSION), ENCODING, repr(sorted(cfg.to_dict().items())),
                                   b"\0".join(self.tokens), _params_digest(self.params))
@@ -125,23 +97,22 @@ class GQVAETokenizer:
     # ------------------------------------------------------------------------- building
 
     @classmethod
-    def build(cls, checkpoint_dir: str, vocab_size: int, texts: Iterable[str]) -> "GQVAETokenizer":
-        """Vocabulary of `vocab_size` ids from a `train_gqvae` checkpoint, segmenting `texts`."""
-        return cls.build_many(checkpoint_dir, [vocab_size], texts)[vocab_size]
+    def build(cls, cfg: ConfigDict, params: Any, vocab_size: int, texts: Iterable[str]) -> "GQVAETokenizer":
+        """Vocabulary of `vocab_size` ids for a trained model (`gqvae` section, params), segmenting `texts`."""
+        return cls.build_many(cfg, params, [vocab_size], texts)[vocab_size]
 
     @classmethod
-    def build_many(cls, checkpoint_dir: str, vocab_sizes: Sequence[int], texts: Iterable[str],
+    def build_many(cls, cfg: ConfigDict, params: Any, vocab_sizes: Sequence[int], texts: Iterable[str],
                    strict: bool = True, stats: dict[str, Any] | None = None) -> dict[int, Any]:
         """One tokenizer per size from one segmentation of `texts` (the ranking does not depend on
         the size). A size exceeding 259 + the distinct multi-byte segments of `texts` raises
         ConfigError naming it, or with `strict=False` maps to that (unraised) error. Each keeps the
         table of `texts`' pretokens. `stats`, if given, receives the segmentation's counts."""
-        cfg, graphdef, params = load_checkpoint(checkpoint_dir)
         for v in vocab_sizes:
             if v < FIRST_LEARNED:
                 raise ConfigError(f"vocab_size={v} must be at least {FIRST_LEARNED} (256 bytes + 3 specials)")
         counts = _pretoken_counts(texts)
-        segmented = cls(cfg, graphdef, params, [])._segment_pretokens(list(counts))
+        segmented = cls(cfg, params, [])._segment_pretokens(list(counts))
         ranked = _ranked_segment_strings(segmented, counts)
         if stats is not None:
             strings_of: dict[int, set[bytes]] = collections.defaultdict(set)
@@ -164,7 +135,7 @@ class GQVAETokenizer:
                 if strict:
                     raise out[v]
             else:
-                tok = out[v] = cls(cfg, graphdef, params, ranked[:v - FIRST_LEARNED])
+                tok = out[v] = cls(cfg, params, ranked[:v - FIRST_LEARNED])
                 tok._extend_table({p: tok._ids(segmented[p]) for p in frequent})
         return out
 
@@ -218,7 +189,7 @@ class GQVAETokenizer:
         """Codes only come with the cuts when asked for: encoding needs the cuts alone, and with
         fixed gates those need no model (NumPy, exactly `hard_boundaries` of `fixed_gates`)."""
         if not codes and self.cfg.fixed_gate_every:
-            return PieceRunner(functools.partial(_fixed_cuts, every=self.cfg.fixed_gate_every), [None],
+            return PieceRunner(functools.partial(fixed_cuts, every=self.cfg.fixed_gate_every), [None],
                                self._bucket_of, with_codes=False, threaded=False)
         if self._params_per_device is None:
             self._params_per_device = [jax.device_put(self.params, d) for d in model_devices()]
@@ -322,7 +293,7 @@ class GQVAETokenizer:
         write_manifest(path, KIND, FORMAT_VERSION, vocab_size=self.vocab_size, bos_id=self.bos_id,
                        eos_id=self.eos_id, pad_id=self.pad_id, tokens=[t.hex() for t in self.tokens],
                        gqvae=self.cfg.to_dict())
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path_): np.asarray(v)
+        flat = {jax.tree_util.keystr(path_, simple=True, separator="/"): np.asarray(v)
                 for path_, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
         np.savez(os.path.join(path, PARAMS_FILE), **flat)
         np.savez(os.path.join(path, TABLE_FILE), **self._store.arrays(self._n_table))
@@ -333,22 +304,22 @@ class GQVAETokenizer:
         manifest = read_manifest(path, KIND, FORMAT_VERSION)
         where = f"gqvae tokenizer directory {path!r}"
         try:
-            cfg = config_from_dict(manifest["gqvae"], path)
+            cfg = gqvae_config.from_dict(manifest["gqvae"], path)
             tokens = [bytes.fromhex(t) for t in manifest["tokens"]]
             with np.load(os.path.join(path, PARAMS_FILE)) as npz:
                 arrays = dict(npz)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise TokenizerDirError(f"{where} is incomplete or corrupt ({type(e).__name__}: {e})") from None
-        graphdef, abstract = split_params(nnx.eval_shape(lambda: make_model(cfg)))
+        _, abstract = abstract_model(cfg)
 
         def restore(path_, leaf):
-            key = "/".join(str(getattr(k, "key", k)) for k in path_)
+            key = jax.tree_util.keystr(path_, simple=True, separator="/")
             if key not in arrays or arrays[key].shape != leaf.shape:
                 raise TokenizerDirError(f"{where}: {PARAMS_FILE} lacks parameter {key!r} of shape {leaf.shape}")
             return arrays[key]
 
         params = jax.tree_util.tree_map_with_path(restore, abstract)
-        tok = cls(cfg, graphdef, params, tokens)
+        tok = cls(cfg, params, tokens)
         if tok.vocab_size != manifest.get("vocab_size"):
             raise TokenizerDirError(f"{where}: manifest vocab_size {manifest.get('vocab_size')!r} "
                                     f"does not match its {len(tokens)} tokens")
@@ -361,35 +332,6 @@ class GQVAETokenizer:
             except (KeyError, ValueError, OSError) as e:
                 raise TokenizerDirError(f"{where}: {TABLE_FILE} is corrupt ({type(e).__name__}: {e})") from None
         return tok
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_segmenter(graphdef: nnx.GraphDef, max_token_len: int, fixed_gate_every: int, ends_only: bool) -> Any:
-    """`segment_pieces` jitted over (params, bytes, lengths); shared by tokenizers of one model,
-    so a freshly loaded tokenizer reuses the compiled shapes."""
-    def run(params, bytes_BT, lengths_B):
-        out = segment_pieces(nnx.merge(graphdef, params), bytes_BT, lengths_B, max_token_len, fixed_gate_every)
-        return out[0] if ends_only else out
-    return jax.jit(run)
-
-
-def _fixed_cuts(params: Any, bytes_RL: np.ndarray, lengths_R: np.ndarray, every: int) -> np.ndarray:
-    """The fixed-gate baseline's token ends [R, L]: every `every` bytes and at each piece's last
-    byte (`every` <= max_token_len, so the length cap adds none)."""
-    del params
-    t_1L = np.arange(bytes_RL.shape[1])[None, :]
-    inside_RL = t_1L < lengths_R[:, None]
-    return inside_RL & (((t_1L + 1) % every == 0) | (t_1L == lengths_R[:, None] - 1))
-
-
-def model_devices() -> list[Any]:
-    """Where the model runs: with a CPU backend, one device per core at most (batches spread
-    over them run in parallel; XLA:CPU runs one device's calls one after another); otherwise
-    the default device."""
-    devices = jax.local_devices()
-    if devices[0].platform != "cpu":
-        return devices[:1]
-    return devices[:max(1, min(len(devices), os.cpu_count() or 1))]
 
 
 def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:
@@ -420,10 +362,9 @@ def _params_digest(params: Any) -> bytes:
     return h.digest()
 
 
-def build_gqvae_tokenizer(checkpoint_dir: str, vocab_size: int, texts: Iterable[str],
+def build_gqvae_tokenizer(cfg: ConfigDict, params: Any, vocab_size: int, texts: Iterable[str],
                           out_dir: str) -> GQVAETokenizer:
-    """`python -m gqlm.tokenize --kind gqvae --checkpoint DIR --vocab_size N --out DIR` entry:
-    builds the vocabulary on `texts` and saves the tokenizer to `out_dir`."""
-    tok = GQVAETokenizer.build(checkpoint_dir, vocab_size, texts)
+    """Builds the vocabulary of a trained model on `texts` and saves the tokenizer to `out_dir`."""
+    tok = GQVAETokenizer.build(cfg, params, vocab_size, texts)
     tok.save(out_dir)
     return tok

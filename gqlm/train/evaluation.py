@@ -1,4 +1,4 @@
-"""Bits per byte: the one number that compares language models across tokenizers.
+"""Bits per byte: the one number that compares language models across tokenizers (the loop's evaluation).
 
 bpb = (summed target cross-entropy in nats) / (ln 2 x UTF-8 bytes of those targets). Special
 tokens (BOS/EOS) have zero bytes but their loss still counts, so a model cannot hide cost in them.

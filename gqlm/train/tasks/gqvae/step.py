@@ -4,29 +4,24 @@ Shapes: B pretoken pieces per batch, T = max_pretoken_len, C codebook size, D em
 N recent encoder outputs kept for re-seeding (N = C), R rows of them refreshed per step.
 
 `python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir DIR` trains the model
-(gqlm/tokenizers/gqvae/task.py plugs these pieces into the runner). `train_gqvae` and
-`python -m gqlm.tokenizers.gqvae.train` are thin wrappers over that same runner.
+(task.py plugs these pieces into the runner; train.py wraps that same runner).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gqlm.config import ConfigDict, ConfigError
-# CheckpointError and config_from_dict are re-exported: the tokenizer and tests import them from here.
-from gqlm.tokenizers.gqvae.checkpoint import CheckpointError, config_from_dict, load_checkpoint  # noqa: F401
-from gqlm.tokenizers.gqvae.loss import loss_terms
-from gqlm.tokenizers.gqvae.model import GQVAE, forward
+from gqlm.config import ConfigDict
+from gqlm.tokenizers.gqvae.model import forward, make_model, split_params
 from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD
 from gqlm.tokenizers.gqvae.quantizer import reseed_codebook
+from gqlm.train.tasks.gqvae.loss import loss_terms
 
 Batch = dict[str, jax.Array]
 
@@ -42,25 +37,15 @@ class GQVAEState(NamedTuple):
     recent_valid: jax.Array  # [N] bool: rows holding a real encoder output
 
 
-def make_model(cfg: ConfigDict, seed: Any = 0) -> GQVAE:
-    """The model of a `gqvae` config section; `seed` is an int or a PRNG key."""
-    return GQVAE(cfg, nnx.Rngs(params=seed))
-
-
-def split_params(model: GQVAE) -> tuple[nnx.GraphDef, Any]:
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(state)
-
-
 def is_codebook(path: tuple[Any, ...]) -> bool:
-    return tuple(str(p) for p in path[-2:]) == ("quantizer", "codebook")
+    """Whether a parameter's key path ends in quantizer/codebook."""
+    return jax.tree_util.keystr(path, simple=True, separator="/").split("/")[-2:] == ["quantizer", "codebook"]
 
 
 def make_optimizer(cfg: ConfigDict, params: Any) -> optax.GradientTransformation:
     """Adam with the codebook in its own param group, `codebook_lr_multiplier` times faster."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "codebook" if is_codebook(tuple(getattr(k, "key", k) for k in path)) else "default",
-        params)
+        lambda path, _: "codebook" if is_codebook(path) else "default", params)
     lr = cfg.learning_rate
     return optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -158,72 +143,3 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: ConfigDict) -> Callable[[Any, Ba
         metrics["positions"] = jnp.sum(out["valid"].astype(jnp.float32))
         return metrics
     return eval_step
-
-
-# ----------------------------------------------------------------------------- thin wrappers
-
-
-def train_gqvae(config: ConfigDict, texts: Sequence[str], workdir: str, steps: int,
-                log: Callable[[int, dict[str, float]], None] | None = None,
-                log_every: int = 50) -> tuple[nnx.GraphDef, Any, list[dict[str, float]]]:
-    """Trains the GQ-VAE of `config` (a full gqlm config) on in-memory `texts` (also its validation
-    texts) with the runner, for `steps` steps; the runner's checkpoint lands in `workdir`.
-    Returns (graphdef, params, the logged train metrics)."""
-    from gqlm.tokenizers.gqvae.task import GQVAETask
-    from gqlm.train.loop import train
-
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.gqvae.train_tokenizer = True
-        t = config.train
-        t.steps, t.log_every, t.eval_every, t.checkpoint_every = steps, log_every, steps, steps
-        t.eval_batches, t.progress, t.sample_tokens = 1, False, 0
-    train(config, workdir, task=GQVAETask({"train": list(texts), "validation": list(texts)}))
-    history = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.pop("split") == "train":
-                history.append(row)
-                if log:
-                    log(row["step"], row)
-    _, graphdef, params = load_checkpoint(workdir)
-    return graphdef, params, history
-
-
-def main(argv: Sequence[str]) -> None:
-    """`python -m gqlm.tokenizers.gqvae.train --config EXP.py[:arg] --workdir DIR [--vocab_size N]`:
-    `python -m gqlm.train` on a GQ-VAE experiment, then (with --vocab_size) the tokenizer built
-    from its checkpoint into DIR/tokenizer."""
-    from absl import flags
-
-    from gqlm import cli
-    from gqlm.data.corpora import load_documents
-    from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
-    from gqlm.train.loop import train
-
-    del argv
-    fl = flags.FLAGS
-    config = cli.config_from_flags(fl.config)
-    if not config.gqvae.train_tokenizer:
-        raise ConfigError(f"--config={fl.config}: gqvae.train_tokenizer is False (not a GQ-VAE experiment)")
-    train(config, fl.workdir)
-    print(f"checkpoint: {fl.workdir}")
-    if fl.vocab_size:
-        out = os.path.join(fl.workdir, "tokenizer")
-        tok = build_gqvae_tokenizer(fl.workdir, fl.vocab_size, load_documents(config.data, "train")[:], out)
-        ids = tok.encode_batch(load_documents(config.data, "validation")[:])
-        bpt = sum(int(tok.token_bytes()[i].sum()) for i in ids) / max(sum(map(len, ids)), 1)
-        print(f"tokenizer: {out} (use data.tokenizer=gqvae:{out}); vocab_size={tok.vocab_size}, "
-              f"validation bytes/token {bpt:.3f}")
-
-
-if __name__ == "__main__":
-    from absl import flags as _flags
-
-    from gqlm import cli as _cli
-
-    _flags.DEFINE_string("config", "", "experiment file[:variant], e.g. experiments/gqvae_shakespeare.py")
-    _flags.DEFINE_string("workdir", None, "the runner's workdir (checkpoints, metrics)", required=True)
-    _flags.DEFINE_integer("vocab_size", 0, "also build a tokenizer of this size (0: skip)")
-    _cli.run(main)

@@ -24,6 +24,7 @@ from gqlm.data.pipeline import make_train_iterator, to_global
 from gqlm.models.flops import flops_per_token
 from gqlm.train import state as state_lib
 from gqlm.train.experiment import build_experiment, jit_train_step
+from gqlm.train.tasks.lm import LMTask
 
 
 def time_train_steps(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, float]:
@@ -45,7 +46,7 @@ class TrainStepTimer:
     """An experiment's jitted train step on its mesh, with its state and `num_batches` batches."""
 
     def __init__(self, config: ConfigDict, num_batches: int):
-        self.exp = exp = build_experiment(config)
+        self.exp = exp = build_experiment(config, LMTask())
         cfg = exp.config
         self.tokens = cfg.data.batch_size * cfg.data.seq_len
         batches = make_train_iterator(cfg, exp.tokenizer)

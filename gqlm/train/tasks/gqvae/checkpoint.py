@@ -3,6 +3,7 @@
 The checkpoint format is the runner's (orbax, `DIR/checkpoints/<step>`, config saved alongside);
 a workdir is a GQ-VAE checkpoint when its saved config has `gqvae.train_tokenizer=True`. The
 first driver's format (`DIR/gqvae.json` + `DIR/params`) is still read, so older workdirs work.
+A tokenizer is then built from what this returns: `GQVAETokenizer.build(cfg, params, ...)`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
-from flax import nnx
+import orbax.checkpoint as ocp
 
-from gqlm.config import ConfigDict, ConfigError, base_config, validate_gqvae
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.config import gqvae as gqvae_config
+from gqlm.tokenizers.gqvae.model import abstract_model
+from gqlm.train.checkpoint import restore_trained
+from gqlm.train.tasks.gqvae.task import GQVAETask
 
 LEGACY_MANIFEST = "gqvae.json"
 LEGACY_KIND = "gqvae_checkpoint"
@@ -25,8 +29,8 @@ class CheckpointError(ConfigError):
     """A path that is not a readable GQ-VAE checkpoint; the message names the path."""
 
 
-def load_checkpoint(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
-    """(gqvae config section, graphdef, params on the host) of a GQ-VAE workdir's newest verified
+def load_checkpoint(path: str) -> tuple[ConfigDict, Any]:
+    """(gqvae config section, params on the host) of a GQ-VAE workdir's newest verified
     checkpoint; CheckpointError (one line, naming the path) otherwise."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -35,30 +39,25 @@ def load_checkpoint(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
         return _load_legacy(path)
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint (no checkpoints/ written by gqlm.train)")
-    from gqlm.train.checkpoint import SavedRun
-    from gqlm.train.experiment import build_experiment
+
+    def require_gqvae(config: ConfigDict) -> ConfigDict:
+        if not config.gqvae.train_tokenizer:
+            raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint: it is an LM workdir "
+                                  "(its config has gqvae.train_tokenizer=False)")
+        return config
+
     try:
-        with SavedRun(path) as run:
-            config = run.config()
-            if not config.gqvae.train_tokenizer:
-                raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint: it is an LM workdir "
-                                      "(its config has gqvae.train_tokenizer=False)")
-            exp = build_experiment(config)
-            with jax.set_mesh(exp.mesh):
-                params = jax.device_get(run.state(exp.abstract).params)
+        exp, _, state = restore_trained(path, GQVAETask(), edit=require_gqvae)
     except CheckpointError:
         raise
     except ConfigError as e:
         raise CheckpointError(f"{path!r} is not a GQ-VAE checkpoint: {e} (an unfinished run, or an LM workdir?)"
                               ) from None
-    return ml_collections.ConfigDict(exp.config.gqvae.to_dict()), exp.model.graphdef, params
+    return gqvae_config.from_dict(exp.config.gqvae.to_dict(), path), jax.device_get(state.params)
 
 
-def _load_legacy(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
+def _load_legacy(path: str) -> tuple[ConfigDict, Any]:
     """The first driver's `gqvae.json` (kind, format_version 1, gqvae section) + orbax `params`."""
-    import orbax.checkpoint as ocp
-
-    from gqlm.tokenizers.gqvae.train import make_model, split_params
     try:
         with open(os.path.join(path, LEGACY_MANIFEST)) as f:
             manifest = json.load(f)
@@ -69,25 +68,14 @@ def _load_legacy(path: str) -> tuple[ConfigDict, nnx.GraphDef, Any]:
     if manifest.get("format_version") != 1:
         raise CheckpointError(f"GQ-VAE checkpoint {path!r} has format_version "
                               f"{manifest.get('format_version')!r}; this gqlm reads 1")
-    cfg = config_from_dict(manifest.get("gqvae", {}), path)
-    graphdef, abstract = split_params(nnx.eval_shape(lambda: make_model(cfg)))
+    try:
+        cfg = gqvae_config.from_dict(manifest.get("gqvae", {}), path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    _, abstract = abstract_model(cfg)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(path, "params"), abstract)
     except Exception as e:  # orbax raises many types; any of them means an unusable checkpoint.
         raise CheckpointError(f"GQ-VAE checkpoint {path!r} has unreadable params: {type(e).__name__}") from None
-    return cfg, graphdef, params
-
-
-def config_from_dict(values: dict[str, Any], where: str) -> ConfigDict:
-    """A validated `gqvae` section: schema defaults overridden by `values` (unknown keys refused)."""
-    cfg = base_config().gqvae
-    for key, value in values.items():
-        if key not in cfg:
-            raise CheckpointError(f"{where!r}: unknown gqvae config key {key!r}")
-        cfg[key] = type(cfg[key])(value)
-    try:
-        validate_gqvae(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{where!r}: {e}") from None
-    return ml_collections.ConfigDict(cfg.to_dict())
+    return cfg, params

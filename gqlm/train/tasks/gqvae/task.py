@@ -1,4 +1,4 @@
-"""The GQ-VAE tokenizer model as a runner task (gqlm/train/task.py): `python -m gqlm.train` trains
+"""The GQ-VAE tokenizer model as a runner task (tasks/base.py): `python -m gqlm.train` trains
 it with the same loop, orbax checkpoints (+ resume), batch sharding, progress bar and metric files
 as an LM. Selected by `gqvae.train_tokenizer=True`.
 
@@ -21,14 +21,16 @@ from jax.sharding import Mesh
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.data.corpora import load_documents
 from gqlm.data.pipeline import process_slice, to_global
 from gqlm.optim.factory import opt_state_shardings
-from gqlm.tokenizers.gqvae import train as gq
+from gqlm.tokenizers.gqvae.model import make_model
 from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD, corpus_pieces
 from gqlm.train import state as state_lib
 from gqlm.train.experiment import Experiment
 from gqlm.train.metrics import Throughput
-from gqlm.train.task import Task
+from gqlm.train.tasks.base import Task
+from gqlm.train.tasks.gqvae import step as gq
 
 MAX_PIECES = 4_000_000  # pieces kept per split (the Shakespeare train split has ~2.3M)
 
@@ -62,7 +64,6 @@ class GQVAETask(Task):
     def pieces(self, exp: Experiment, split: str) -> np.ndarray:
         """[N, T] bytes of the split's pieces, in text order (int16: half the memory of int32)."""
         if split not in self._pieces:
-            from gqlm.data.corpora import load_documents
             texts = self.texts[split] if self.texts else load_documents(exp.config.data, split)[:]
             bytes_NT, _ = corpus_pieces(texts, exp.config.gqvae.max_pretoken_len, MAX_PIECES)
             if not len(bytes_NT):
@@ -78,22 +79,18 @@ class GQVAETask(Task):
         shards = batch_shards(mesh, rules)
         if q.batch_size % shards:
             raise ConfigError(f"gqvae.batch_size={q.batch_size} is not divisible by the data-parallel size {shards}")
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: gq.make_model(q)), nnx.Param)
-        param_shardings = mesh_lib.param_shardings(abstract_state, rules, mesh)
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       nnx.to_pure_dict(abstract_state))
+        model = state_lib.model_layout(nnx.eval_shape(lambda: make_model(q)), rules, mesh, nnx.Param)
+        abstract_params, param_shardings = model.abstract_params, model.param_shardings
         tx = gq.make_optimizer(q, abstract_params)
         replicated = mesh_lib.replicated(mesh)
         shardings = gq.GQVAEState(replicated, param_shardings,
                                   opt_state_shardings(tx, abstract_params, param_shardings, mesh),
                                   replicated, replicated, replicated, replicated)
         shapes = jax.eval_shape(lambda: gq.init_state(q, tx, jax.random.PRNGKey(0)))
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         config = config.copy_and_resolve_references()
         config.lock()
-        model = state_lib.Model(graphdef, abstract_params, param_shardings)
         return Experiment(config, mesh, None, model, tx, optax.constant_schedule(q.learning_rate),
-                          shardings, abstract, self)
+                          shardings, state_lib.with_shardings(shapes, shardings))
 
     def train_iterator(self, exp: Experiment) -> grain.DatasetIterator:
         cfg = exp.config
