@@ -22,9 +22,12 @@ setup(
         "tensorboardX==2.6.5",
         "regex==2026.11.19",
         "matplotlib==3.11.2",  # scaling-fit and synthetic-task plots
+        "pyarrow==25.0.1",  # parquet corpora and score files (the version apache-beam 2.77 accepts)
+        "zstandard==0.25.0",  # .jsonl.zst corpora
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
         "parity": ["torch==2.13.0"],
+        "beam": ["apache-beam==2.77.0"],  # gqlm.prepare --runner=beam (DirectRunner here; Dataflow/Flink/Spark)
     },
 )

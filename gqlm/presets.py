@@ -1,6 +1,6 @@
 """Model shapes shared by experiment files, so sizes are defined once (big_vision-style variants)."""
 
-from gqlm.config import ConfigDict
+from gqlm.config import ConfigDict, base_config
 
 # name: (embed_dim, num_layers, num_heads, num_kv_heads, mlp_dim, max_seq_len)
 DENSE_SIZES = {
@@ -23,7 +23,6 @@ def apply_dense(config: ConfigDict, size: str) -> ConfigDict:
 
 def dense_experiment(size: str) -> ConfigDict:
     """The dense LM family (python_stdlib corpus, AdamW): one definition for every size."""
-    from gqlm.config import base_config
     config = apply_dense(base_config(), size)
     config.data.corpus = "python_stdlib"
     config.data.seq_len = min(1024, config.model.max_seq_len)
@@ -44,7 +43,6 @@ def dense_experiment(size: str) -> ConfigDict:
 
 def tiny_cpu_experiment(variant: str = "") -> ConfigDict:
     """The demo: a byte-level d128 x 4 LM on Shakespeare, 8-way data parallel. `smoke`: seconds-long."""
-    from gqlm.config import base_config
     config = apply_dense(base_config(), "tiny")
     config.data.corpus = "shakespeare"
     config.data.tokenizer = "byte"

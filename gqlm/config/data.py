@@ -11,9 +11,10 @@ import ml_collections
 from gqlm.config.errors import check, check_choice
 
 BUILTIN_CORPORA = ("shakespeare", "python_stdlib", "text_files")  # gqlm/data/corpora.py
+PREPARED = "prepared"  # data.sources: directories written by python -m gqlm.prepare (data/prepared.py)
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_TASKS = ("copy", "recall", "parity", "addition", "phonebook")  # gqlm/data/synthetic.py
-CORPORA = BUILTIN_CORPORA + tuple(SYNTHETIC_PREFIX + t for t in SYNTHETIC_TASKS)
+CORPORA = BUILTIN_CORPORA + (PREPARED,) + tuple(SYNTHETIC_PREFIX + t for t in SYNTHETIC_TASKS)
 PHONEBOOK_NAMES = 26**4  # phonebook names are 4 lowercase letters (gqlm/data/synthetic.py)
 
 
@@ -21,6 +22,7 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         corpus="shakespeare",  # CORPORA
         glob="",  # files for corpus=text_files
+        sources="",  # corpus=prepared: "DIR_A=0.7,DIR_B=0.3" (weights are token shares; one DIR alone: weight 1)
         data_dir="",  # tfds data dir; "" = ~/.cache/gqlm/tfds
         tokenizer="byte",  # byte | bpe:DIR | gqvae:DIR
         seq_len=256,
@@ -43,6 +45,8 @@ def validate(d: ml_collections.ConfigDict, max_seq_len: int) -> None:
     check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
     check_corpus(d.corpus)
     check_glob(d)
+    if d.corpus == PREPARED:
+        parse_sources(d.sources)
     if d.corpus.startswith(SYNTHETIC_PREFIX):
         check(1 <= d.synthetic_min_len <= d.synthetic_max_len,
               f"data.synthetic_min_len={d.synthetic_min_len} and data.synthetic_max_len="
@@ -68,3 +72,20 @@ def check_parity_k(k: int, min_len: int) -> None:
 def check_phonebook_size(size: int) -> None:
     check(1 <= size <= PHONEBOOK_NAMES,
           f"data.synthetic_phonebook_size={size} must lie in [1, {PHONEBOOK_NAMES}] (the distinct 4-letter names)")
+
+
+def parse_sources(text: str) -> list[tuple[str, float]]:
+    """`DIR[=weight],...` -> [(DIR, weight)], weights normalised to sum 1."""
+    check(bool(text.strip()), "data.sources must name at least one prepared directory when data.corpus='prepared'")
+    out = []
+    for item in text.split(","):
+        path, sep, weight = item.strip().rpartition("=") if "=" in item else (item.strip(), "", "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        check(bool(path) and value > 0 and value < float("inf"),
+              f"data.sources entry {item.strip()!r} must be DIR or DIR=WEIGHT with a positive number as WEIGHT")
+        out.append((path, value))
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]

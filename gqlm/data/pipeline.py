@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from gqlm.config import ConfigDict, ConfigError
-from gqlm.data import corpora, packing, synthetic
+from gqlm.config.data import PREPARED
+from gqlm.data import corpora, packing, prepared, synthetic
 from gqlm.tokenizers.base import Tokenizer
 
 _ENCODE_CHUNK = 32  # documents per encode_batch call
@@ -116,6 +117,8 @@ def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, process_index:
     lo, hi = process_slice(d.batch_size, process_index, process_count)
     if synthetic.is_synthetic(d.corpus):
         return synthetic.make_train_iterator(config, tokenizer, lo, hi)
+    if d.corpus == PREPARED:
+        return prepared.make_train_iterator(config, tokenizer, lo, hi)
     stream = _checked_stream(config, tokenizer, "train")
     num_rows = packing.num_full_rows(len(stream), d.seq_len)
     ds = grain.MapDataset.range(num_rows).shuffle(seed=config.seed).repeat(d.num_epochs)
@@ -131,9 +134,27 @@ def make_eval_batches(config: ConfigDict, tokenizer: Tokenizer, split: str = "va
                       num_batches: int = 1, process_index: int | None = None,
                       process_count: int | None = None) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` global batches of `split`, in order, as host-local batches.
-    Rows past the end of the split are padding (loss_mask 0); a short split gives fewer batches."""
+    Rows past the end of the split are padding (loss_mask 0); a short split gives fewer batches.
+    Of a mixture of prepared sources: each source's batches, one source after the other."""
+    sets = make_eval_sets(config, tokenizer, split, num_batches, process_index, process_count)
+    return [batch for batches in sets.values() for batch in batches]
+
+
+def make_eval_sets(config: ConfigDict, tokenizer: Tokenizer, split: str = "validation", num_batches: int = 1,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """`make_eval_batches` per source: {source name: batches}; one set named by the corpus unless
+    the corpus is a mixture of prepared sources (bits per byte are reported per source)."""
     d = config.data
     lo, hi = process_slice(d.batch_size, process_index, process_count)
+    if d.corpus == PREPARED:
+        return prepared.make_eval_sets(config, tokenizer, split, num_batches, lo, hi)
+    return {d.corpus: _eval_batches(config, tokenizer, split, num_batches, lo, hi)}
+
+
+def _eval_batches(config: ConfigDict, tokenizer: Tokenizer, split: str, num_batches: int, lo: int,
+                  hi: int) -> list[dict[str, np.ndarray]]:
+    d = config.data
     if synthetic.is_synthetic(d.corpus):
         return synthetic.make_eval_batches(config, tokenizer, split, num_batches, lo, hi)
     stream = _checked_stream(config, tokenizer, split)

@@ -32,7 +32,8 @@ class Task:
         """Host-local training batches; a grain iterator, whose state every checkpoint saves."""
         raise NotImplementedError
 
-    def eval_batches(self, exp: Experiment) -> list[Batch]:
+    def eval_batches(self, exp: Experiment) -> Any:
+        """Host-local validation batches, in whatever grouping `evaluator` takes."""
         raise NotImplementedError
 
     def throughput(self, exp: Experiment) -> Throughput:
@@ -46,7 +47,7 @@ class Task:
         """Jitted `(state, global batch) -> (state, metrics)`; metrics hold `loss` and `nonfinite`."""
         raise NotImplementedError
 
-    def evaluator(self, exp: Experiment) -> Callable[[Any, list[Batch]], dict[str, float]]:
+    def evaluator(self, exp: Experiment) -> Callable[[Any, Any], dict[str, float]]:
         """`(params, eval batches) -> validation metrics`."""
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ from gqlm.config import ConfigDict
 from gqlm.data import pipeline
 from gqlm.models.flops import count_params, flops_per_token
 from gqlm.train import state as state_lib
-from gqlm.train.evaluation import evaluate
+from gqlm.train.evaluation import evaluate_sets
 from gqlm.train.experiment import Experiment, build_lm, jit_eval_step, jit_train_step
 from gqlm.train.metrics import Throughput, device_peak_flops
 from gqlm.train.sampling import sample_text
@@ -26,8 +26,9 @@ class LMTask(Task):
     def train_iterator(self, exp: Experiment) -> Any:
         return pipeline.make_train_iterator(exp.config, exp.tokenizer)
 
-    def eval_batches(self, exp: Experiment) -> list[Batch]:
-        return pipeline.make_eval_batches(exp.config, exp.tokenizer, "validation", exp.config.train.eval_batches)
+    def eval_batches(self, exp: Experiment) -> dict[str, list[Batch]]:
+        """Per source (one, unless the corpus is a mixture of prepared sources)."""
+        return pipeline.make_eval_sets(exp.config, exp.tokenizer, "validation", exp.config.train.eval_batches)
 
     def throughput(self, exp: Experiment) -> Throughput:
         cfg = exp.config
@@ -42,7 +43,7 @@ class LMTask(Task):
 
     def evaluator(self, exp: Experiment) -> Callable:
         eval_step = jit_eval_step(exp)
-        return lambda params, batches: evaluate(eval_step, params, batches, exp.mesh, exp.config.mesh.rules)
+        return lambda params, sets: evaluate_sets(eval_step, params, sets, exp.mesh, exp.config.mesh.rules)
 
     def eval_summary(self, metrics: dict[str, float]) -> str:
         return f"validation loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f}"

@@ -1,0 +1,173 @@
+"""Corpus -> tokenized ArrayRecord shards + meta.json, in a local process pool or on Apache Beam.
+
+The unit of work is one input file: `prepare_input` streams its documents, puts each in the
+validation split when a hash of its text says so (whatever the runner or worker count), encodes
+them in batches and writes that file's shards (shards.py), then a done marker
+`OUT/_done/<input>.json` with the shards' counts. Both runners call this one function, so they
+write identical shards; re-running skips inputs whose marker exists, and a killed run leaves no
+shard that meta.json lists half-written. `OUT/prepare.json` records what the directory is
+prepared from; a re-run with other inputs or settings is refused. `meta.json`, written last from
+the markers, is what training reads (data/prepared.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from etils import epath
+
+from gqlm.config import ConfigError
+from gqlm.config.errors import check_choice
+from gqlm.data import sources
+from gqlm.data.shards import ShardWriter
+from gqlm.tokenizers import load_tokenizer
+from gqlm.tokenizers.base import Tokenizer, text_to_bytes
+
+FORMAT_VERSION = 1
+META, SPEC, DONE = "meta.json", "prepare.json", "_done"
+SPLITS = ("train", "validation")
+RUNNERS = ("local", "beam")
+ENCODE_BATCH = 64  # documents per encode_batch call: bounded memory, amortised tokenizer calls
+
+
+class Spec(NamedTuple):
+    """What a prepared directory is made from; equal specs make identical shards."""
+    inputs: tuple[str, ...]
+    tokenizer: str
+    text_key: str = "text"
+    format: str = ""
+    validation_fraction: float = 0.005
+    on_bad_record: str = "raise"
+    shard_bytes: int = 256 << 20
+
+
+def is_validation(text: str, fraction: float) -> bool:
+    """Deterministic per-document split: the first 8 bytes of SHA-256 of the text, as a fraction."""
+    digest = hashlib.sha256(text_to_bytes(text)).digest()
+    return int.from_bytes(digest[:8], "little") < fraction * 2.0**64
+
+
+def _write_json(path: epath.Path, value: Any) -> None:
+    """Atomic: a temporary file renamed over the target."""
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.rename(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: str) -> Tokenizer:
+    return load_tokenizer(spec)  # once per worker process
+
+
+def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
+    """Tokenizes and writes one input file's shards and its done marker; returns the marker."""
+    tok, path = _tokenizer(spec.tokenizer), spec.inputs[index]
+    writers = {s: ShardWriter(str(epath.Path(out) / s), index, spec.shard_bytes) for s in SPLITS}
+    bad = sources.Counter()
+    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def flush(split: str) -> None:
+        texts = pending[split]
+        for text, ids in zip(texts, tok.encode_batch(texts)):
+            writers[split].add(np.asarray(ids, np.uint32), len(text_to_bytes(text)))
+        texts.clear()
+
+    try:
+        for doc in sources.read_documents(path, index, spec.text_key, spec.format, spec.on_bad_record, bad):
+            split = "validation" if is_validation(doc.text, spec.validation_fraction) else "train"
+            pending[split].append(doc.text)
+            if len(pending[split]) >= ENCODE_BATCH:
+                flush(split)
+        for split in SPLITS:
+            flush(split)
+        shards = {s: [w._asdict() for w in writers[s].finish()] for s in SPLITS}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    marker = {"input": path, "skipped_records": bad.skipped, "shards": shards}
+    _write_json(epath.Path(out) / DONE / f"{index:05d}.json", marker)
+    return marker
+
+
+def start(spec: Spec, out: str) -> list[int]:
+    """Creates OUT (or checks that it holds this spec's run) and returns the inputs still to do."""
+    root = epath.Path(out)
+    for sub in (DONE, *SPLITS):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(spec.tokenizer)
+    wanted = {**spec._asdict(), "inputs": list(spec.inputs), "tokenizer_fingerprint": tok.fingerprint(),
+              "format_version": FORMAT_VERSION}
+    if (root / SPEC).exists():
+        previous = json.loads((root / SPEC).read_text())
+        if previous != wanted:
+            changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
+            raise ConfigError(f"--out={out!r} holds a prepare run of other {', '.join(changed)}; "
+                              "choose a new --out (or delete it)")
+    else:
+        _write_json(root / SPEC, wanted)
+    return [i for i in range(len(spec.inputs)) if not (root / DONE / f"{i:05d}.json").exists()]
+
+
+def run_local(spec: Spec, out: str, pending: Sequence[int], workers: int) -> None:
+    """A process pool over the pending inputs (spawned: tokenizers may hold JAX state)."""
+    if workers <= 1 or len(pending) <= 1:
+        for i in pending:
+            prepare_input(spec, out, i)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(prepare_input, spec, out, i) for i in pending]):
+            future.result()  # the first error stops the run (its input keeps no marker)
+
+
+def run_beam(spec: Spec, out: str, pending: Sequence[int], beam_options: Sequence[str]) -> None:
+    """The same per-input transform as a Beam pipeline (DirectRunner here; Dataflow/Flink/Spark)."""
+    import apache_beam as beam  # the `beam` extra: only this runner needs it
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    with beam.Pipeline(options=PipelineOptions(list(beam_options))) as pipeline:
+        _ = (pipeline | "inputs" >> beam.Create(list(pending)) | "spread" >> beam.Reshuffle()
+             | "prepare" >> beam.Map(lambda i: prepare_input(spec, out, i)["input"]))
+
+
+def finish(spec: Spec, out: str) -> dict[str, Any]:
+    """meta.json from the done markers: inputs, tokenizer, counts per split and per shard."""
+    root, tok = epath.Path(out), _tokenizer(spec.tokenizer)
+    markers = [json.loads((root / DONE / f"{i:05d}.json").read_text()) for i in range(len(spec.inputs))]
+    splits = {}
+    for split in SPLITS:
+        shards = [dict(shard, name=f"{split}/{shard['name']}") for m in markers for shard in m["shards"][split]]
+        totals = {k: sum(s[k] for s in shards) for k in ("documents", "tokens", "bytes")}
+        splits[split] = {**totals, "shards": shards}
+    meta = {"format_version": FORMAT_VERSION,
+            "inputs": [{"path": p, "size": epath.Path(p).stat().length} for p in spec.inputs],
+            "text_key": spec.text_key, "validation_fraction": spec.validation_fraction,
+            "tokenizer": spec.tokenizer, "tokenizer_fingerprint": tok.fingerprint(),
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "skipped_records": sum(m["skipped_records"] for m in markers), "splits": splits}
+    _write_json(root / META, meta)
+    return meta
+
+
+def prepare(spec: Spec, out: str, runner: str = "local", workers: int = 1,
+            beam_options: Sequence[str] = ()) -> dict[str, Any]:
+    """Prepares (or finishes preparing) `spec` into `out`; returns its meta.json."""
+    if not 0 <= spec.validation_fraction < 1:
+        raise ConfigError(f"--validation_fraction={spec.validation_fraction} must lie in [0, 1)")
+    check_choice("--on_bad_record", spec.on_bad_record, sources.ON_BAD_RECORD)
+    check_choice("--runner", runner, RUNNERS)
+    pending = start(spec, out)
+    if runner == "beam":
+        run_beam(spec, out, pending, beam_options)
+    else:
+        run_local(spec, out, pending, workers)
+    return finish(spec, out)
+

@@ -1,0 +1,190 @@
+"""Training on prepared corpora (data/prepare.py): rows read on demand, weighted mixtures, grain.
+
+A split of a prepared directory is one token stream, `[bos] doc [eos]` for each document in shard
+order; row r is the window [r*T, r*T + T + 1) of it, packed with the batch contract of
+packing.py. `PreparedSplit.window` finds a window's documents by binary search in the shards'
+memory-mapped indexes and reads only those records, so memory does not grow with the corpus.
+
+Training: per source, `MapDataset.range(rows).shuffle(seed).repeat(epochs)`, tagged with its
+source; `MapDataset.mix` by `data.sources` weights (rows are T tokens each, so the weights are
+token shares); `.batch(global batch)`; each process reads only rows [lo, hi) of every global
+batch. The global batches do not depend on the process count, and the iterator's state (saved
+with every checkpoint) resumes them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from etils import epath
+
+from gqlm.config import ConfigDict, ConfigError
+from gqlm.config.data import parse_sources
+from gqlm.data import packing
+from gqlm.data.prepare import FORMAT_VERSION, META
+from gqlm.data.shards import INDEX_SUFFIX, decode_record
+from gqlm.tokenizers.base import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+def read_meta(directory: str, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A prepared directory's meta.json, refused unless finished and made with `tokenizer`."""
+    path = epath.Path(directory) / META
+    if not path.exists():
+        raise ConfigError(f"data.sources: {directory!r} is not a prepared corpus (no {META}; "
+                          "prepare it with python -m gqlm.prepare, or finish an interrupted run)")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"data.sources: {directory!r} has format_version {meta.get('format_version')!r}; "
+                          f"this gqlm reads {FORMAT_VERSION}")
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint():
+        raise ConfigError(f"data.sources: {directory!r} was prepared with tokenizer {meta['tokenizer']!r} "
+                          f"(fingerprint {meta['tokenizer_fingerprint']}), not data.tokenizer's "
+                          f"(fingerprint {tokenizer.fingerprint()}); prepare it again with this tokenizer")
+    return meta
+
+
+class PreparedSplit:
+    """One split of a prepared directory, read by windows of its token stream (picklable: the
+    readers and memory maps are reopened in each grain worker)."""
+
+    def __init__(self, directory: str, split: str, meta: dict[str, Any]):
+        shards = meta["splits"][split]["shards"]
+        self.name = os.path.basename(os.path.normpath(directory))  # in metric names: bpb/<name>
+        self.paths = [str(epath.Path(directory) / s["name"]) for s in shards]
+        docs = np.array([s["documents"] for s in shards], np.int64)
+        self.doc_base = np.concatenate([[0], np.cumsum(docs)])
+        self.shard_start = np.concatenate([[0], np.cumsum(np.array([s["tokens"] for s in shards], np.int64) + 2 * docs)])
+        self.length = int(self.shard_start[-1])
+        self.bos, self.eos = meta["bos_id"], meta["eos_id"]
+        self._source, self._index = None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None, "_index": {}}
+
+    def index(self, shard: int) -> np.ndarray:
+        if shard not in self._index:
+            self._index[shard] = np.load(self.paths[shard] + INDEX_SUFFIX, mmap_mode="r")
+        return self._index[shard]
+
+    def documents(self, indices: Sequence[int]) -> list[np.ndarray]:
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return [decode_record(self._source[int(i)])[0] for i in indices]
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, document ids) of stream[start : start + length], shorter at the stream's end."""
+        end, tokens, doc_ids = min(start + length, self.length), [], []
+        pos = start
+        while pos < end:
+            shard = int(np.searchsorted(self.shard_start, pos, side="right")) - 1
+            ends = self.index(shard)
+            local, local_end = pos - self.shard_start[shard], min(end, self.shard_start[shard + 1]) - self.shard_start[shard]
+            first = int(np.searchsorted(ends, local, side="right"))
+            last = int(np.searchsorted(ends, local_end - 1, side="right"))
+            docs = self.documents(range(self.doc_base[shard] + first, self.doc_base[shard] + last + 1))
+            item_start = int(ends[first - 1]) if first else 0
+            stream = np.concatenate([np.concatenate([[self.bos], d, [self.eos]]) for d in docs]).astype(np.int32)
+            ids = np.concatenate([np.full(len(d) + 2, self.doc_base[shard] + first + k, np.int64)
+                                  for k, d in enumerate(docs)])
+            lo, hi = local - item_start, local_end - item_start
+            tokens.append(stream[lo:hi])
+            doc_ids.append(ids[lo:hi])
+            pos = self.shard_start[shard] + local_end
+        if not tokens:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.concatenate(tokens), np.concatenate(doc_ids)
+
+    def rows(self, seq_len: int, full: bool = True) -> int:
+        return packing.num_full_rows(self.length, seq_len) if full else packing.num_rows_covering(self.length, seq_len)
+
+
+def pack_window_rows(split: PreparedSplit, rows: np.ndarray, seq_len: int, pad_id: int) -> Batch:
+    """The batch dict of `rows` of one split (-1: a padding row)."""
+    packed = []
+    padding = (np.array([pad_id], np.int32), np.zeros(1, np.int64))  # pack_rows indexes it, masks all
+    for row in np.asarray(rows):
+        tokens, doc_ids = split.window(int(row) * seq_len, seq_len + 1) if row >= 0 else padding
+        packed.append(packing.pack_rows(tokens, doc_ids, np.array([0 if row >= 0 else -1]), seq_len, pad_id))
+    return {k: np.concatenate([p[k] for p in packed]) for k in packed[0]}
+
+
+class TagSource:
+    """grain map: row -> (source index, row) (a class, so grain workers can unpickle it)."""
+
+    def __init__(self, source: int):
+        self.source = source
+
+    def __call__(self, row: int) -> tuple[int, int]:
+        return self.source, row
+
+
+class FetchRows:
+    """grain map: a global batch of (source, row) pairs -> this process's packed rows."""
+
+    def __init__(self, splits: list[PreparedSplit], seq_len: int, pad_id: int, lo: int, hi: int):
+        self.splits, self.seq_len, self.pad_id, self.lo, self.hi = splits, seq_len, pad_id, lo, hi
+
+    def __call__(self, batch: tuple[np.ndarray, np.ndarray]) -> Batch:
+        source_B, row_B = (np.asarray(x)[self.lo:self.hi] for x in batch)
+        out = None
+        for s, split in enumerate(self.splits):
+            mine = np.flatnonzero(source_B == s)
+            if not len(mine):
+                continue
+            rows = pack_window_rows(split, row_B[mine], self.seq_len, self.pad_id)
+            if out is None:
+                out = {k: np.zeros((len(row_B),) + v.shape[1:], v.dtype) for k, v in rows.items()}
+            for k, v in rows.items():
+                out[k][mine] = v
+        return out
+
+
+def open_sources(data: ConfigDict, tokenizer: Tokenizer, split: str) -> tuple[list[PreparedSplit], list[float]]:
+    """The splits of `data.sources` and their weights; an empty split is refused."""
+    splits, weights = [], []
+    for directory, weight in parse_sources(data.sources):
+        source = PreparedSplit(directory, split, read_meta(directory, tokenizer))
+        if source.length < data.seq_len + 1:
+            raise ConfigError(f"data.sources: the {split} split of {directory!r} has {source.length} tokens; "
+                              f"data.seq_len={data.seq_len} needs at least {data.seq_len + 1}")
+        splits.append(source)
+        weights.append(weight)
+    return splits, weights
+
+
+def row_batches(splits: list[PreparedSplit], weights: list[float], config: ConfigDict) -> grain.MapDataset:
+    """Global batches of (source, row) pairs: each source's rows shuffled, repeated, mixed by weight."""
+    d = config.data
+    per_source = [grain.MapDataset.range(s.rows(d.seq_len)).shuffle(seed=config.seed + i).repeat(d.num_epochs)
+                  .map(TagSource(i)) for i, s in enumerate(splits)]
+    ds = grain.MapDataset.mix(per_source, weights) if len(per_source) > 1 else per_source[0]
+    return ds.batch(d.batch_size, drop_remainder=True)
+
+
+def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, lo: int, hi: int) -> grain.DatasetIterator:
+    d = config.data
+    splits, weights = open_sources(d, tokenizer, "train")
+    ds = row_batches(splits, weights, config).map(FetchRows(splits, d.seq_len, tokenizer.pad_id, lo, hi))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if d.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+    return iter(it)
+
+
+def make_eval_sets(config: ConfigDict, tokenizer: Tokenizer, split: str, num_batches: int, lo: int,
+                   hi: int) -> dict[str, list[Batch]]:
+    """Per source: the first `num_batches` global batches of `split` (rows past its end are padding)."""
+    d, out = config.data, {}
+    for source in open_sources(d, tokenizer, split)[0]:
+        num_rows = source.rows(d.seq_len, full=False)
+        count = min(num_batches, -(-num_rows // d.batch_size))
+        rows = [b * d.batch_size + np.arange(lo, hi) for b in range(count)]
+        out[source.name] = [pack_window_rows(source, np.where(r < num_rows, r, -1), d.seq_len, tokenizer.pad_id)
+                            for r in rows]
+    return out

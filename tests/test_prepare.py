@@ -1,0 +1,212 @@
+"""Corpus preparation: readers for every format, bad records, shards that round-trip every
+document, the per-document validation hash, resume after a failure, and Beam == local."""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from gqlm.config import ConfigError
+from gqlm.data import prepare as prepare_lib
+from gqlm.data import sources
+from gqlm.data.prepare import Spec, prepare
+from gqlm.data.shards import decode_record
+from gqlm.tokenizers.base import text_to_bytes
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RNG = np.random.default_rng(0)
+WORDS = ["the", "king", "queen", "é", "naïve", "日本", "🙂", "\n", "to", "be", "or", "not"]
+
+
+def random_docs(n, max_words=300):
+    return [" ".join(RNG.choice(WORDS, int(RNG.integers(1, max_words)))) for _ in range(n)]
+
+
+def write_corpus(root):
+    """One file of each format; returns {path: its documents}."""
+    docs = {}
+    docs[root / "a.jsonl"] = random_docs(120)
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[root / "a.jsonl"])))
+    docs[root / "b.jsonl.gz"] = random_docs(80)
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[root / "b.jsonl.gz"])
+    docs[root / "c.jsonl.zst"] = random_docs(60)
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[root / "c.jsonl.zst"]).encode()))
+    docs[root / "d.parquet"] = random_docs(3000, 20)
+    pq.write_table(pa.table({"text": docs[root / "d.parquet"], "n": list(range(3000))}), root / "d.parquet",
+                   row_group_size=500)
+    docs[root / "e.txt"] = ["a whole file is one document\nwith lines é"]
+    (root / "e.txt").write_text(docs[root / "e.txt"][0])
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, write_corpus(root)
+
+
+def read_split(out, split):
+    """Every document of a prepared split, decoded: [(ids, num_bytes)] in shard order."""
+    meta = json.loads((out / "meta.json").read_text())
+    from array_record.python.array_record_module import ArrayRecordReader
+    docs = []
+    for shard in meta["splits"][split]["shards"]:
+        reader = ArrayRecordReader(str(out / shard["name"]))
+        docs += [decode_record(r) for r in reader.read_all()]
+        reader.close()
+    return docs
+
+
+def test_every_format_reads_back_its_documents(corpus):
+    root, docs = corpus
+    for index, (path, want) in enumerate(docs.items()):
+        got = list(sources.read_documents(str(path), index))
+        assert [d.text for d in got] == want, path.name
+        assert all(d.file_index == index for d in got)
+
+
+def test_documents_in_equal_documents_out_and_the_split_follows_the_hash(corpus, tmp_path):
+    root, docs = corpus
+    files = sorted(str(p) for p in docs)
+    spec = Spec(tuple(files), "byte", validation_fraction=0.1, shard_bytes=20_000)  # several parts per file
+    meta = prepare(spec, str(tmp_path / "out"), workers=2)
+    everything = [d for f in files for d in docs[next(p for p in docs if str(p) == f)]]
+
+    def expected(split):
+        fraction = 0.1 * 2.0**64
+        keep = [d for d in everything
+                if (int.from_bytes(hashlib.sha256(text_to_bytes(d)).digest()[:8], "little") < fraction)
+                == (split == "validation")]
+        return [(list(text_to_bytes(d)), len(text_to_bytes(d))) for d in keep]
+
+    for split in ("train", "validation"):
+        got = [(ids.tolist(), n) for ids, n in read_split(tmp_path / "out", split)]
+        assert got == expected(split), split
+        assert meta["splits"][split]["documents"] == len(got)
+        assert meta["splits"][split]["tokens"] == sum(len(i) for i, _ in got)
+    assert 0.05 < meta["splits"]["validation"]["documents"] / len(everything) < 0.15
+    assert len(meta["splits"]["train"]["shards"]) > len(files)  # rolled over at shard_bytes
+    for shard in meta["splits"]["train"]["shards"]:  # the index: cumulative stream length with BOS/EOS
+        index = np.load(tmp_path / "out" / (shard["name"] + ".index.npy"))
+        assert index[-1] == shard["tokens"] + 2 * shard["documents"]
+
+
+def test_bpe_shards_decode_to_the_documents(corpus, tmp_path):
+    from gqlm.tokenizers.bpe import BPETokenizer, train_bpe
+    root, docs = corpus
+    train_bpe(random_docs(200), 400, str(tmp_path / "bpe"))
+    prepare(Spec((str(root / "a.jsonl"),), f"bpe:{tmp_path / 'bpe'}", validation_fraction=0.0), str(tmp_path / "out"))
+    tok = BPETokenizer.load(str(tmp_path / "bpe"))
+    assert [tok.decode(ids) for ids, _ in read_split(tmp_path / "out", "train")] == docs[root / "a.jsonl"]
+
+
+def test_bad_records_name_the_file_and_line_or_are_skipped(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "cut\n{"other": 1}\n{"text": "fine"}\n')
+    with pytest.raises(sources.SourceError, match=f"{bad}:2: malformed JSON"):
+        list(sources.read_documents(str(bad), 0))
+    counter = sources.Counter()
+    texts = [d.text for d in sources.read_documents(str(bad), 0, on_bad_record="skip", bad=counter)]
+    assert texts == ["ok", "fine"] and counter.skipped == 2
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"text": "a"}\n{"text": "b"}\n{"other": 1}\n')
+    with pytest.raises(sources.SourceError, match=f"{no_text}:3: no string field 'text'"):
+        list(sources.read_documents(str(no_text), 0))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("x.jsonl.gz", b"\x1f\x8b\x08\x00not really gzip", "unreadable jsonl.gz stream"),
+    ("x.jsonl.zst", b"\x28\xb5\x2f\xfd garbage", "unreadable jsonl.zst stream"),
+    ("x.parquet", b"PAR1 not parquet", "not a readable parquet file"),
+])
+def test_unreadable_files_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(sources.SourceError, match=message) as info:
+        list(sources.read_documents(str(tmp_path / name), 0))
+    assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_parquet_without_the_text_column_and_empty_globs(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(sources.SourceError, match="no column 'text'.*body"):
+        list(sources.read_documents(str(tmp_path / "p.parquet"), 0))
+    with pytest.raises(ConfigError, match="matches no file"):
+        sources.expand([str(tmp_path / "*.nothing")])
+
+
+def test_a_failed_input_leaves_no_shard_and_a_rerun_finishes_identically(corpus, tmp_path, monkeypatch):
+    root, docs = corpus
+    spec = Spec(tuple(sorted(str(p) for p in docs)), "byte", validation_fraction=0.1, shard_bytes=20_000)
+    reference = prepare(spec, str(tmp_path / "ref"))
+    real = prepare_lib.ShardWriter.add
+    calls = {"n": 0}
+
+    def failing_add(self, ids, num_bytes):  # dies inside the parquet file, mid-shard
+        calls["n"] += 1
+        if calls["n"] == 400:
+            raise KeyboardInterrupt("killed")
+        return real(self, ids, num_bytes)
+
+    monkeypatch.setattr(prepare_lib.ShardWriter, "add", failing_add)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spec, str(tmp_path / "out"))
+    out = tmp_path / "out"
+    assert not (out / "meta.json").exists()
+    assert not [f for s in ("train", "validation") for f in os.listdir(out / s) if f.startswith(".tmp")]
+    monkeypatch.setattr(prepare_lib.ShardWriter, "add", real)
+    assert prepare(spec, str(out))["splits"] == reference["splits"]
+    for split in ("train", "validation"):
+        for shard in reference["splits"][split]["shards"]:
+            assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
+
+
+def test_another_spec_on_the_same_out_is_refused(corpus, tmp_path):
+    root, docs = corpus
+    prepare(Spec((str(root / "e.txt"),), "byte"), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="holds a prepare run of other validation_fraction"):
+        prepare(Spec((str(root / "e.txt"),), "byte", validation_fraction=0.5), str(tmp_path / "out"))
+
+
+def run_prepare(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "gqlm.prepare", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_skip_reports_the_count(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    result = run_prepare(f"--input={bad}", f"--out={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert f"{bad}:2: malformed JSON" in result.stderr
+    assert not (tmp_path / "out" / "meta.json").exists()
+    result = run_prepare(f"--input={bad}", f"--out={tmp_path / 'out2'}", "--on_bad_record=skip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["skipped_records"] == 1
+    result = run_prepare(f"--input={tmp_path / 'none*.jsonl'}", f"--out={tmp_path / 'out3'}")
+    assert result.returncode == 2 and "matches no file" in result.stderr
+
+
+@pytest.mark.slow
+def test_beam_and_local_runners_write_identical_shards(corpus, tmp_path):
+    root, docs = corpus
+    spec = Spec(tuple(sorted(str(p) for p in docs)), "byte", validation_fraction=0.1, shard_bytes=20_000)
+    local = prepare(spec, str(tmp_path / "local"), workers=2)
+    beam = prepare(spec, str(tmp_path / "beam"), runner="beam",
+                   beam_options=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert beam["splits"] == local["splits"]
+    names = [s["name"] for split in local["splits"].values() for s in split["shards"]]
+    for name in names:
+        for suffix in ("", ".index.npy"):
+            assert (tmp_path / "beam" / (name + suffix)).read_bytes() == (tmp_path / "local" / (name + suffix)).read_bytes()
