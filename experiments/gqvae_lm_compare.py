@@ -1,5 +1,5 @@
 """The same small LM on any tokenizer, with the same training budget in BYTES: the fair comparison
-of byte, BPE, VQ-VAE and GQ-VAE tokenizers (run for all of them by benchmarks/tokenizers.py).
+of byte, BPE, VQ-VAE and GQ-VAE tokenizers (run for all of them by benchmarks/tokenizer_comparison.py).
 
     python -m gqlm.train --config experiments/gqvae_lm_compare.py:gqvae:workdirs/tok/gqvae_1k \
       --workdir workdirs/lm/gqvae_1k

@@ -155,9 +155,10 @@ def maybe_initialize(initialization_timeout: float | None = None) -> None:
     remaining = max(1.0, timeout - (time.monotonic() - start))
     watchdog = _start_watchdog(remaining, plan)
     try:
-        if plan.kind == "gqlm":
+        if plan.kind == "gqlm":  # explicit: jax's Slurm/MPI detection would pick one GPU per process
             jax.distributed.initialize(plan.coordinator, plan.num_processes, plan.process_id,
                                        local_device_ids=list(plan.local_device_ids or []) or None,
+                                       cluster_detection_method="deactivate",
                                        initialization_timeout=int(remaining) + _WATCHDOG_GRACE_S)
         else:
             jax.distributed.initialize(initialization_timeout=int(remaining) + _WATCHDOG_GRACE_S)

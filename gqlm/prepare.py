@@ -11,6 +11,7 @@ see BUILD.md). Re-running the same command resumes. Exit codes: 0 done, 2 bad in
 import json
 import os
 import shlex
+import time
 
 from absl import flags
 
@@ -40,10 +41,11 @@ def main(argv: list[str]) -> None:
         cli.fail("--input and --out are required")
     spec = Spec(tuple(sources.expand(FLAGS.input)), FLAGS.tokenizer, FLAGS.text_key, FLAGS.format,
                 FLAGS.validation_fraction, FLAGS.on_bad_record, FLAGS.shard_mb << 20)
+    start = time.perf_counter()
     meta = prepare(spec, FLAGS.out, FLAGS.runner, FLAGS.workers, shlex.split(FLAGS.beam_options))
     summary = {split: {k: v for k, v in s.items() if k != "shards"} for split, s in meta["splits"].items()}
     print(json.dumps({"out": FLAGS.out, "inputs": len(spec.inputs), "skipped_records": meta["skipped_records"],
-                      **summary}))
+                      **summary, "seconds": round(time.perf_counter() - start, 3)}))
 
 
 if __name__ == "__main__":

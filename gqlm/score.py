@@ -30,7 +30,9 @@ from flax import nnx
 from gqlm import cli
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError, apply_overrides
+from gqlm.config.data import PREPARED
 from gqlm.data import corpora, packing, pipeline, synthetic
+from gqlm.data.prepared import PreparedSplit, pack_window_rows
 from gqlm.data.score_files import write_scores
 from gqlm.train.checkpoint import restore_trained
 from gqlm.train.tasks.lm import LMTask
@@ -41,8 +43,9 @@ def checked_config(saved: ConfigDict, workdir: str, overrides: dict[str, str]) -
     if config.data.tokenizer != saved.data.tokenizer:
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} differs from the tokenizer of the checkpoint in "
                           f"{workdir!r} ({saved.data.tokenizer!r}); scores are only defined under the model's own tokenizer")
-    if synthetic.is_synthetic(config.data.corpus):
-        raise ConfigError(f"data.corpus={config.data.corpus!r}: synthetic tasks have no documents to score")
+    if synthetic.is_synthetic(config.data.corpus) or config.data.corpus == PREPARED:
+        raise ConfigError(f"data.corpus={config.data.corpus!r}: gqlm.score scores the documents of a built-in "
+                          "corpus (shakespeare, python_stdlib, text_files), which name their files")
     return config
 
 
@@ -60,27 +63,39 @@ def score_documents(exp, params: Any, split: str, max_batches: int | None = None
     if jax.process_count() > 1:
         raise ConfigError("gqlm.score runs on one process (it reads every document on this host)")
     cfg = exp.config
-    tokens, doc_ids = pipeline.token_stream(cfg.data, exp.tokenizer, split).array
-    T, B = cfg.data.seq_len, cfg.data.batch_size
-    num_docs = int(doc_ids.max()) + 1 if len(doc_ids) else 0
-    num_rows = packing.num_rows_covering(len(tokens), T)
+    splits, _ = pipeline.open_split(cfg, exp.tokenizer, split)
+    if len(splits) != 1:
+        raise ConfigError(f"data.sources names {len(splits)} sources; gqlm.score scores one at a time")
+    source, T, B = splits[0], cfg.data.seq_len, cfg.data.batch_size
+    num_docs, num_rows = int(source.doc_base[-1]), source.rows(T, full=False)
     num_batches = -(-num_rows // B) if max_batches is None else min(max_batches, -(-num_rows // B))
     token_loss = jax.jit(make_token_loss_fn(exp.model.graphdef, exp.token_bytes))
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     out = {k: np.zeros(num_docs) for k in ("nats", "bytes", "tokens")}
     for b in range(num_batches):
-        rows = b * B + np.arange(B)
-        rows = np.where(rows < num_rows, rows, -1)
-        batch = packing.pack_rows(tokens, doc_ids, rows, T, exp.tokenizer.pad_id)
+        batch, target_doc_BT = scored_rows(source, b * B + np.arange(B), num_rows, T, exp.tokenizer.pad_id)
         ce_BT, bytes_BT = jax.device_get(token_loss(params, pipeline.to_global(batch, sharding)))
-        # The document of the target at (row r, position t) is that of stream token r*T + t + 1.
-        idx_BT = np.clip(rows[:, None] * T + np.arange(T)[None, :] + 1, 0, len(tokens) - 1)
         mask = batch["loss_mask"] > 0
-        doc = np.asarray(doc_ids)[idx_BT[mask]]
+        doc = target_doc_BT[mask]
         out["nats"] += np.bincount(doc, np.asarray(ce_BT)[mask], num_docs)
         out["bytes"] += np.bincount(doc, np.asarray(bytes_BT)[mask], num_docs)
         out["tokens"] += np.bincount(doc, None, num_docs)
     return out
+
+
+def scored_rows(source: PreparedSplit, rows: np.ndarray, num_rows: int, seq_len: int,
+                pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The packed batch of `rows` (those past `num_rows` are padding) and the document of each
+    target (the window's token after the input position)."""
+    packed, docs = [], np.zeros((len(rows), seq_len), np.int64)
+    for i, row in enumerate(rows):
+        if row >= num_rows:
+            packed.append(pack_window_rows(source, np.array([-1]), seq_len, pad_id))
+            continue
+        tokens, doc_ids = source.window(int(row) * seq_len, seq_len + 1)
+        packed.append(packing.pack_rows(tokens, doc_ids, np.array([0]), seq_len, pad_id))
+        docs[i, :len(doc_ids) - 1] = doc_ids[1:]
+    return {k: np.concatenate([p[k] for p in packed]) for k in packed[0]}, docs
 
 
 def define_flags() -> None:

@@ -2,7 +2,13 @@
 
     python -m gqlm.tokenize --kind bpe --corpus shakespeare --vocab_size 4096 --out /tmp/bpe4k
     python -m gqlm.tokenize --kind bpe --corpus text_files --glob 'notes/**/*.md' --out /tmp/bpe
+    python -m gqlm.tokenize --kind bpe --input 'gs://B/raw/*.parquet' --text_key text \
+        --vocab_size 32768 --sample_bytes 2000000000 --out /tmp/bpe32k
     python -m gqlm.tokenize --kind gqvae --checkpoint workdirs/gqvae --vocab_size 1024 --out /tmp/gq1k
+
+With --input (the formats of gqlm.prepare), the tokenizer learns from a deterministic sample of
+--sample_bytes, streamed (data/sources.py sample_documents): the corpus is never held whole. The
+sample's documents that gqlm.prepare would hold out (its validation hash) measure bytes/token.
 
 The result is used with `--config.data.tokenizer=bpe:/tmp/bpe4k`. New kinds register a builder
 in `BUILDERS`: `fn(train_docs, flags) -> Tokenizer` that trains and saves to `--out`.
@@ -10,14 +16,15 @@ in `BUILDERS`: `fn(train_docs, flags) -> Tokenizer` that trains and saves to `--
 
 from __future__ import annotations
 
-import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from gqlm import cli
 from gqlm.config import ConfigError, base_config
-from gqlm.data import corpora
+from gqlm.data import corpora, sources
+from gqlm.data.prepare import is_validation
 from gqlm.tokenizers.base import Tokenizer
 from gqlm.tokenizers.bpe import train_bpe
 from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
@@ -30,13 +37,18 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data dir ('' = ~/.cache/gq
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "total vocabulary size, specials included")
 _OUT = flags.DEFINE_string("out", None, "output directory of the tokenizer")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "--kind=gqvae: a trained GQ-VAE workdir")
+_INPUT = flags.DEFINE_multi_string("input", None, "Raw corpus files (globs, local or gs://) instead of --corpus.")
+_TEXT_KEY = flags.DEFINE_string("text_key", "text", "--input: the text field of jsonl records and parquet rows.")
+_FORMAT = flags.DEFINE_string("format", "", "--input: force one format (default: by extension).")
+_SAMPLE = flags.DEFINE_integer("sample_bytes", 1 << 30, "--input: bytes of text the tokenizer learns from.")
+_HELD_OUT = 0.005  # gqlm.prepare's default validation fraction
 
 
-def build_bpe(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
+def build_bpe(train_docs: Iterable[str], fl: flags.FlagValues) -> Tokenizer:
     return train_bpe(train_docs, fl.vocab_size, fl.out)
 
 
-def build_gqvae(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
+def build_gqvae(train_docs: Iterable[str], fl: flags.FlagValues) -> Tokenizer:
     """Vocabulary from a trained GQ-VAE (a `python -m gqlm.train` workdir), built on `train_docs`."""
     if not fl.checkpoint:
         raise ConfigError("--kind=gqvae needs --checkpoint=DIR (a trained GQ-VAE workdir)")
@@ -45,7 +57,7 @@ def build_gqvae(train_docs: Sequence[str], fl: flags.FlagValues) -> Tokenizer:
 
 
 # kind -> builder: fn(train_docs, flags) -> Tokenizer, saved to --out.
-BUILDERS: dict[str, Callable[[Sequence[str], flags.FlagValues], Tokenizer]] = {
+BUILDERS: dict[str, Callable[[Iterable[str], flags.FlagValues], Tokenizer]] = {
     "bpe": build_bpe, "gqvae": build_gqvae}
 
 
@@ -58,23 +70,40 @@ def bytes_per_token(tokenizer: Tokenizer, docs: Sequence[str]) -> float:
     return n_bytes / max(n_tokens, 1)
 
 
+def input_documents() -> tuple[Iterator[str], list[str]]:
+    """(training documents, streamed; the held-out ones, filled as the stream is read)."""
+    held_out: list[str] = []
+
+    def train() -> Iterator[str]:
+        for text in sources.sample_documents(sources.expand(_INPUT.value), _SAMPLE.value, _TEXT_KEY.value,
+                                             _FORMAT.value):
+            if is_validation(text, _HELD_OUT):
+                held_out.append(text)
+            else:
+                yield text
+    return train(), held_out
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     if _KIND.value not in BUILDERS:
-        raise app.UsageError(f"--kind={_KIND.value!r} must be one of {', '.join(sorted(BUILDERS))}")
-    data = base_config().data
-    data.corpus, data.glob, data.data_dir = _CORPUS.value, _GLOB.value, _DATA_DIR.value
-    try:
-        train = corpora.load_documents(data, "train")
-        validation = corpora.load_documents(data, "validation")
-        tokenizer = BUILDERS[_KIND.value](train[:], flags.FLAGS)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+        raise ConfigError(f"--kind={_KIND.value!r} must be one of {', '.join(sorted(BUILDERS))}")
+    if not _OUT.value:
+        raise ConfigError("--out is required")
+    if _INPUT.value:
+        train, validation = input_documents()
+        where = f"{len(validation)} held-out documents of the --input sample"
+    else:
+        data = base_config().data
+        data.corpus, data.glob, data.data_dir = _CORPUS.value, _GLOB.value, _DATA_DIR.value
+        train = corpora.load_documents(data, "train")[:]
+        validation = corpora.load_documents(data, "validation")[:]
+        where = f"{len(validation)} documents of {data.corpus}"
+    tokenizer = BUILDERS[_KIND.value](train, flags.FLAGS)
     print(f"{_KIND.value} tokenizer: vocab_size={tokenizer.vocab_size}, saved to {_OUT.value}")
-    print(f"validation bytes/token: {bytes_per_token(tokenizer, validation[:]):.3f} "
-          f"({len(validation)} documents of {data.corpus})")
+    measured = f"{bytes_per_token(tokenizer, validation):.3f}" if validation else "n/a"
+    print(f"validation bytes/token: {measured} ({where})")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("out")
-    app.run(main)
+    cli.run(main)

@@ -32,11 +32,13 @@ EXTRA_LINE = "${EXTRA_SBATCH}\n"
 def render(template: str, *, job_name: str, nodes: int, gpus_per_node: int, cpus_per_task: int, time_limit: str,
            output: str, worktree: str, venv: str, command: Sequence[str], extra: Sequence[str] = ()) -> str:
     """The sbatch script: `extra` are additional `--key=value` sbatch options, one #SBATCH line each."""
+    values = dict(JOB_NAME=job_name, NODES=nodes, GPUS_PER_NODE=gpus_per_node, CPUS_PER_TASK=cpus_per_task,
+                  TIME=time_limit, OUTPUT=output, WORKTREE=shlex.quote(worktree), VENV=shlex.quote(venv),
+                  COMMAND=shlex.join(command))
+    # The options go in after filling, so a `$` in them (--comment=run_${USER}) stays for sbatch.
+    head, _, tail = template.partition(EXTRA_LINE)
     lines = "".join(f"#SBATCH {option}\n" for option in extra)
-    return string.Template(template.replace(EXTRA_LINE, lines)).substitute(
-        JOB_NAME=job_name, NODES=nodes, GPUS_PER_NODE=gpus_per_node, CPUS_PER_TASK=cpus_per_task,
-        TIME=time_limit, OUTPUT=output, WORKTREE=shlex.quote(worktree), VENV=shlex.quote(venv),
-        COMMAND=shlex.join(command))
+    return string.Template(head).substitute(values) + lines + string.Template(tail).substitute(values)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -67,7 +69,7 @@ def build(args: argparse.Namespace, command: list[str]) -> str:
     if not command:
         raise LaunchError("give the training command after `--`")
     for option in args.sbatch:
-        if not option.startswith("--"):
+        if not option.startswith("--") or "\n" in option:
             raise LaunchError(f"--sbatch {option!r} must be a long sbatch option such as --qos=high")
     if not os.path.isfile(args.template):
         raise LaunchError(f"--template {args.template!r} does not exist")

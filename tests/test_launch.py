@@ -51,9 +51,17 @@ def remote_setup():
             f'bash scripts/setup.sh && .venv/bin/pip install -q "jax[tpu]=={JAX}"')
 
 
-def remote_run(log_name, command):
-    return ("set -o pipefail; cd ~/gqlm && . .venv/bin/activate && mkdir -p logs && "
-            f"GQLM_DISTRIBUTED=auto {command} 2>&1 | tee -a logs/{log_name}.log")
+def remote_command(line):
+    """(the gcloud words before --command, the remote script) of a printed ssh line."""
+    words = shlex.split(line)
+    assert words[-1].startswith("--command=")
+    return words[:-1], words[-1][len("--command="):]
+
+
+def detached_job(script):
+    """The job a start script hands to `setsid nohup bash -c JOB`, unquoted."""
+    words = shlex.split(script.split("setsid nohup bash -c ", 1)[1])
+    return words[0]
 
 
 TRAIN = "python -m gqlm.train --config experiments/tiny_cpu.py --workdir gs://bucket/run"
@@ -69,48 +77,74 @@ def test_tpu_vm_launch_dry_run(capsys):
     assert out[0] == (f"gcloud compute tpus tpu-vm create gq-v4 {where} --accelerator-type=v4-32 "
                       "--version=tpu-ubuntu2204-base --spot")
     assert out[1].startswith("# pack the working tree") and out[1].endswith("/tmp/gqlm-src-gq-v4.tar.gz")
-    assert out[2:] == [
+    assert out[2:4] == [
         f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-gq-v4.tar.gz gq-v4:gqlm-src.tar.gz {where} --worker=all",
-        f"gcloud compute tpus tpu-vm ssh gq-v4 {where} --worker=all --command={shlex.quote(remote_setup())}",
-        f"gcloud compute tpus tpu-vm ssh gq-v4 {where} --worker=all --command={shlex.quote(remote_run('gq-v4', train))}",
-        f"gcloud compute tpus tpu-vm delete gq-v4 {where} --quiet",
-    ]
+        f"gcloud compute tpus tpu-vm ssh gq-v4 {where} --worker=all --command={shlex.quote(remote_setup())}"]
+    ssh = f"gcloud compute tpus tpu-vm ssh gq-v4 {where}".split()
+    start, follow, status = (remote_command(line) for line in out[4:5] + out[6:8])
+    assert start[0] == ssh + ["--worker=all"] and follow[0] == ssh + ["--worker=0"] and status[0] == ssh + ["--worker=all"]
+    # Detached (a new session, immune to the ssh's hangup), logged, with an exit marker.
+    job = detached_job(start[1])
+    assert f"export GQLM_DISTRIBUTED=auto; {train} > logs/gq-v4.log 2>&1 < /dev/null; " in job
+    assert job.endswith("echo $? > logs/gq-v4.exit.tmp && mv logs/gq-v4.exit.tmp logs/gq-v4.exit")
+    assert "/tmp/libtpu_lockfile" in start[1]  # stale TPU holders and lock cleaned first
+    assert "tail -n +1 -F" in follow[1] and "logs/gq-v4.exit" in status[1]
+    assert out[8:] == ["# once every worker's exit marker is there:",
+                       f"gcloud compute tpus tpu-vm delete gq-v4 {where} --quiet"]
 
 
 def test_tpu_multislice_queued_dry_run(capsys):
     argv = ["launch", "--name", "ms", "--zone", "us-east5-b", "--project", "proj", "--accelerator_type",
-            "v5litepod-16", "--num_slices", "2", "--spot", "--env", "WANDB_MODE=offline", "--dry_run", "--",
-            *TRAIN.split(), "--config.mesh.data=32"]
+            "v5litepod-16", "--num_slices", "2", "--spot", "--reserved", "--valid_until_duration", "6h",
+            "--env", "WANDB_MODE=offline", "--dry_run", "--", *TRAIN.split(), "--config.mesh.data=32"]
     code, out, err = run_main(tpu.main, argv, capsys)
     assert (code, err) == (0, [])
     where = "--project=proj --zone=us-east5-b"
-    train = TRAIN + " --config.mesh.data=32"
-    run_line = remote_run("ms", train).replace("GQLM_DISTRIBUTED=auto", "GQLM_DISTRIBUTED=auto WANDB_MODE=offline")
     commands = [line for line in out if not line.startswith("#")]
-    assert commands == [
+    assert commands[:6] == [
         f"gcloud compute tpus queued-resources create ms {where} --accelerator-type=v5litepod-16 "
-        "--runtime-version=v2-alpha-tpuv5-lite --node-count=2 --node-prefix=ms --spot",
-        f"gcloud compute tpus queued-resources describe ms {where} --format='value(state.state)'",
+        "--runtime-version=v2-alpha-tpuv5-lite --node-count=2 --node-prefix=ms --spot --reserved "
+        "--valid-until-duration=6h",
+        f"gcloud compute tpus queued-resources describe ms {where} --format=json",
         f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-ms.tar.gz ms-0:gqlm-src.tar.gz {where} --worker=all",
         f"gcloud compute tpus tpu-vm ssh ms-0 {where} --worker=all --command={shlex.quote(remote_setup())}",
         f"gcloud compute tpus tpu-vm scp /tmp/gqlm-src-ms.tar.gz ms-1:gqlm-src.tar.gz {where} --worker=all",
         f"gcloud compute tpus tpu-vm ssh ms-1 {where} --worker=all --command={shlex.quote(remote_setup())}",
-        f"gcloud compute tpus tpu-vm ssh ms-0 {where} --worker=all --command={shlex.quote(run_line)}",
-        f"gcloud compute tpus tpu-vm ssh ms-1 {where} --worker=all --command={shlex.quote(run_line)}",
-        f"gcloud compute tpus queued-resources delete ms {where} --force --quiet",
     ]
+    assert "at most 21600 s" in out[1]  # the wait is bounded by --valid_until_duration
+    starts = [remote_command(line) for line in commands[6:8]]
+    assert [words[5] for words, _ in starts] == ["ms-0", "ms-1"]
+    assert "export WANDB_MODE=offline; " in detached_job(starts[0][1])
+    assert commands[-1] == f"gcloud compute tpus queued-resources delete ms {where} --force --quiet"
+
+
+def test_tpu_env_values_keep_their_spaces_and_keys_are_checked(capsys):
+    base = ["run", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v4-8", "--dry_run"]
+    code, out, _ = run_main(tpu.main, base + ["--env", "LIBTPU_INIT_ARGS=--a=1 --b=2", "--", "env"], capsys)
+    job = detached_job(remote_command(out[0])[1])
+    # Run the job's export as bash would: one variable, spaces kept (not a command named 'KEY=VALUE').
+    export = job[job.index("export LIBTPU_INIT_ARGS="):].split("; ")[0]
+    result = subprocess.run(["bash", "-c", f'{export}; printf "%s|" "$LIBTPU_INIT_ARGS"'], capture_output=True,
+                            text=True)
+    assert (result.returncode, result.stdout) == (0, "--a=1 --b=2|")
+    for bad in ["1BAD=x", "NO_VALUE", "A-B=1", "=x"]:
+        code, out, err = run_main(tpu.main, base + ["--env", bad, "--", "env"], capsys)
+        assert code == 2 and out == [] and len(err) == 1 and repr(bad) in err[0]
 
 
 def test_tpu_single_steps_and_default_project(tmp_path, monkeypatch, capsys):
     bin_dir, _ = fake_gcloud(tmp_path, project="from-gcloud")
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
     code, out, _ = run_main(tpu.main, ["delete", "--name", "n", "--zone", "z", "--queued", "--dry_run"], capsys)
-    assert (code, out) == (0, ["gcloud compute tpus queued-resources delete n --project=from-gcloud --zone=z "
-                               "--force --quiet"])
+    assert (code, out) == (0, ["# delete:", "gcloud compute tpus queued-resources delete n "
+                               "--project=from-gcloud --zone=z --force --quiet"])
     code, out, _ = run_main(tpu.main, ["create", "--name", "n", "--zone", "z", "--accelerator_type", "v3-8",
                                        "--version", "my-image", "--preemptible", "--dry_run"], capsys)
     assert (code, out) == (0, ["gcloud compute tpus tpu-vm create n --project=from-gcloud --zone=z "
                                "--accelerator-type=v3-8 --version=my-image --preemptible"])
+    for step in ("logs", "status", "stop"):  # no accelerator type needed: they work from any machine
+        code, out, _ = run_main(tpu.main, [step, "--name", "n", "--zone", "z", "--dry_run"], capsys)
+        assert code == 0 and out[-1].startswith("gcloud compute tpus tpu-vm ssh n --project=from-gcloud --zone=z")
 
 
 @pytest.mark.parametrize("accelerator, devices", [
@@ -118,6 +152,13 @@ def test_tpu_single_steps_and_default_project(tmp_path, monkeypatch, capsys):
     ("v6e-8", 8), ("v6e-256", 256)])
 def test_tpu_device_counts(accelerator, devices):
     assert tpu.num_devices(accelerator) == devices
+
+
+@pytest.mark.parametrize("accelerator, hosts", [
+    ("v2-8", 1), ("v3-32", 4), ("v4-8", 1), ("v4-32", 4), ("v5p-128", 16), ("v5litepod-8", 1),
+    ("v5litepod-16", 4), ("v6e-8", 1), ("v6e-64", 16)])
+def test_tpu_host_counts(accelerator, hosts):
+    assert tpu.num_hosts(accelerator) == hosts
 
 
 @pytest.mark.parametrize("accelerator", ["v9-8", "v4", "v4-1", "tpu-v4-8"])
@@ -167,6 +208,12 @@ def test_tpu_missing_project(tmp_path, monkeypatch, capsys):
       "--preemptible", "--dry_run"], "--spot"),
     (["create", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v5p-3", "--dry_run"],
      "whole number"),
+    (["create", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v4-8", "--queued",
+      "--wait_timeout", "10 minutes", "--dry_run"], "--wait_timeout"),
+    (["create", "--name", "n", "--zone", "z", "--project", "p", "--accelerator_type", "v4-8",
+      "--valid_until_duration", "6x", "--dry_run"], "--valid_until_duration"),
+    (["status", "--name", "Bad_Name", "--zone", "z", "--project", "p", "--dry_run"], "--name"),
+    (["status", "--name", "n", "--zone", "z", "--project", "p", "--remote_dir", "../x", "--dry_run"], "--remote_dir"),
 ])
 def test_tpu_bad_arguments(capsys, argv, needle):
     code, out, err = run_main(tpu.main, argv, capsys)
@@ -201,10 +248,23 @@ source {ROOT}/.venv/bin/activate
 # gqlm.distributed.maybe_initialize() reads SLURM_* (jax's Slurm detection): the coordinator is
 # the first node, each task drives the GPU of its SLURM_LOCALID.
 export GQLM_INIT_TIMEOUT=${{GQLM_INIT_TIMEOUT:-600}}
-srun --kill-on-bad-exit=1 python -m gqlm.train --config experiments/tiny_cpu.py --workdir '/shared/run 1'
+# Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it again.
+srun --kill-on-bad-exit=1 --cpus-per-task=8 python -m gqlm.train --config experiments/tiny_cpu.py --workdir '/shared/run 1'
 """
     assert "\n".join(out) + "\n" == expected
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+
+
+def test_slurm_options_keep_their_dollars(tmp_path, capsys):
+    argv = ["--nodes", "1", "--gpus_per_node", "2", "--cpus_per_task", "6", "--sbatch=--comment=run_${USER}",
+            "--sbatch=--mail-user=$USER@x", "--log_dir", str(tmp_path), "--dry_run", "--", "python", "-c", "1"]
+    code, out, err = run_main(gpu_slurm.main, argv, capsys)
+    assert (code, err) == (0, [])
+    assert "#SBATCH --comment=run_${USER}" in out and "#SBATCH --mail-user=$USER@x" in out
+    assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 python -c 1" in out
+    code, _, err = run_main(gpu_slurm.main, ["--nodes", "1", "--gpus_per_node", "1", "--sbatch=--qos=a\nrm -rf x",
+                                             "--dry_run", "--", "x"], capsys)
+    assert code == 2 and len(err) == 1 and "--sbatch" in err[0]
 
 
 def test_slurm_config_that_does_not_fit(capsys):
@@ -259,3 +319,23 @@ def test_local_prefixes_output_and_stops_the_others_on_failure(tmp_path):
     assert sorted(result.stdout.splitlines()) == ["[0] hello from 0 2", "[1] hello from 1 2", "[2] hello from 2 2"]
     assert "process 1 exited with code 7" in result.stderr
     assert not marker.exists()  # processes 0 and 2 were stopped, not waited for
+
+
+@pytest.mark.parametrize("ids, expected", [("", None), ("2,3", [2, 3])])
+def test_explicit_processes_turn_off_jax_cluster_detection(monkeypatch, ids, expected):
+    """Under srun/mpirun, jax's own detection would give each process one GPU; gqlm's plan is explicit."""
+    import jax
+    from gqlm import distributed
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    env = {"GQLM_COORDINATOR_ADDRESS": "10.0.0.1:1234", "GQLM_NUM_PROCESSES": "2", "GQLM_PROCESS_ID": "0",
+           "GQLM_LOCAL_DEVICE_IDS": ids, "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    distributed.maybe_initialize(5)
+    [(args, kwargs)] = calls
+    assert args == ("10.0.0.1:1234", 2, 0)
+    assert kwargs["cluster_detection_method"] == "deactivate" and kwargs["local_device_ids"] == expected

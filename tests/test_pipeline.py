@@ -41,7 +41,9 @@ def assert_same(a, b):
 
 
 def stream_of(config, split="train"):
-    return pipeline.token_stream(config.data, TOK, split).array
+    """The split's whole token stream (tokens, document ids), as the prepared reader sees it."""
+    (source,), _ = pipeline.open_split(config, TOK, split)
+    return np.stack(source.window(0, source.length))
 
 
 def test_batches_are_shuffled_windows_of_the_token_stream(config):
@@ -114,12 +116,14 @@ def test_eval_batches(config):
         np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), batches[0][k])
 
 
-def test_token_cache_is_reused(config):
-    path = pipeline.token_stream(config.data, TOK, "train").path
-    mtime = os.stat(path).st_mtime_ns
-    assert pipeline.token_stream(config.data, TOK, "train").path == path
-    assert os.stat(path).st_mtime_ns == mtime
-    assert pipeline.token_stream(config.data, TOK, "validation").path != path
+def test_the_builtin_corpus_is_prepared_once_per_tokenizer(config, tmp_path):
+    path = pipeline.builtin_prepared(config.data, TOK)
+    mtime = os.stat(os.path.join(path, "meta.json")).st_mtime_ns
+    assert pipeline.builtin_prepared(config.data, TOK) == path
+    assert os.stat(os.path.join(path, "meta.json")).st_mtime_ns == mtime
+    from gqlm.tokenizers.bpe import train_bpe
+    bpe = train_bpe(corpora.load_documents(config.data, "train")[:], 300, str(tmp_path / "bpe"))
+    assert pipeline.builtin_prepared(config.data, bpe) != path
 
 
 def test_seq_len_longer_than_split(config):

@@ -210,3 +210,29 @@ def test_beam_and_local_runners_write_identical_shards(corpus, tmp_path):
     for name in names:
         for suffix in ("", ".index.npy"):
             assert (tmp_path / "beam" / (name + suffix)).read_bytes() == (tmp_path / "local" / (name + suffix)).read_bytes()
+
+
+def test_the_tokenizer_sample_is_deterministic_bounded_and_spans_the_files(corpus):
+    root, docs = corpus
+    files = [str(root / "a.jsonl"), str(root / "d.parquet")]
+    sample = list(sources.sample_documents(files, 20_000))
+    assert sample == list(sources.sample_documents(files, 20_000))
+    from_a = [t for t in sample if t in set(docs[root / "a.jsonl"])]
+    assert from_a and len(from_a) < len(sample)  # both files contribute
+    size = sum(len(t.encode()) for t in sample)
+    longest = max(len(t.encode()) for d in docs.values() for t in d)
+    assert 20_000 <= size <= 20_000 + 2 * longest
+
+
+def test_tokenize_cli_learns_a_bpe_from_a_streamed_sample(corpus, tmp_path):
+    root, _ = corpus
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "gqlm.tokenize", "--kind=bpe", f"--input={root}/*.jsonl*",
+                             "--vocab_size=400", "--sample_bytes=50000", f"--out={tmp_path / 'bpe'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out documents of the --input sample" in result.stdout
+    from gqlm.tokenizers.bpe import BPETokenizer
+    tok = BPETokenizer.load(str(tmp_path / "bpe"))
+    assert 300 < tok.vocab_size <= 400  # the sample's few words allow fewer merges than asked
+    assert tok.decode(tok.encode("the king é 🙂")) == "the king é 🙂"

@@ -94,7 +94,7 @@ def test_processes_read_disjoint_rows_of_the_same_global_batches_and_resume_exac
 def test_mixture_token_shares_hold_their_weights(sources):
     (a, _), (b, _) = sources
     config = data_config(f"{a}=0.7,{b}=0.3")
-    splits, weights = prepared.open_sources(config.data, TOK, "train")
+    splits, weights = pipeline.open_split(config, TOK, "train")
     batches = prepared.row_batches(splits, weights, config)
     source_B = np.concatenate([np.asarray(batches[i][0]) for i in range(1000)])
     assert abs(np.mean(source_B == 0) - 0.7) < 0.01

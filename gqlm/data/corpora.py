@@ -186,7 +186,7 @@ def _builder_spec(data_config: ConfigDict) -> tuple[type, str | None, dict]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
+def file_lock(path: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -203,7 +203,7 @@ def _prepared_builder(cls: type, config_name: str | None, kwargs_items: tuple, d
     if config_name is not None:
         kwargs["config"] = tfds.core.BuilderConfig(name=config_name)
     lock = os.path.join(data_dir, f".{cls.name}.{config_name or 'default'}.lock")
-    with _file_lock(lock):
+    with file_lock(lock):
         # Constructed inside the lock, so it sees a dataset another process just finished.
         builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
         tfds.disable_progress_bar()
@@ -258,8 +258,14 @@ def load_documents(data_config: ConfigDict, split: str) -> Documents:
     return Documents(builder.as_data_source(split=split))
 
 
+def has_split(data_config: ConfigDict, split: str) -> bool:
+    """Whether the corpus has documents in `split` (a corpus of one group has no validation split)."""
+    info = _builder(data_config).info.splits
+    return split in info and info[split].num_examples > 0
+
+
 def corpus_fingerprint(data_config: ConfigDict, split: str) -> str:
-    """Changes whenever the split's content could have changed (for token caches)."""
+    """Changes whenever the split's content could have changed (keys the prepared copy, pipeline.builtin_prepared)."""
     builder = _builder(data_config)
     _check_split(data_config, builder, split)
     info = builder.info.splits[split]

@@ -18,7 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from etils import epath
@@ -66,11 +66,11 @@ def _tokenizer(spec: str) -> Tokenizer:
     return load_tokenizer(spec)  # once per worker process
 
 
-def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
-    """Tokenizes and writes one input file's shards and its done marker; returns the marker."""
-    tok, path = _tokenizer(spec.tokenizer), spec.inputs[index]
-    writers = {s: ShardWriter(str(epath.Path(out) / s), index, spec.shard_bytes) for s in SPLITS}
-    bad = sources.Counter()
+def write_shards(tok: Tokenizer, documents: Iterable[tuple[str, str]], out: str, index: int,
+                 shard_bytes: int) -> dict[str, list[dict[str, Any]]]:
+    """Encodes (text, split) pairs in batches into input `index`'s shards of each split; returns
+    their counts. On any error the part being written is removed."""
+    writers = {s: ShardWriter(str(epath.Path(out) / s), index, shard_bytes) for s in SPLITS}
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
 
     def flush(split: str) -> None:
@@ -80,18 +80,26 @@ def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
         texts.clear()
 
     try:
-        for doc in sources.read_documents(path, index, spec.text_key, spec.format, spec.on_bad_record, bad):
-            split = "validation" if is_validation(doc.text, spec.validation_fraction) else "train"
-            pending[split].append(doc.text)
+        for text, split in documents:
+            pending[split].append(text)
             if len(pending[split]) >= ENCODE_BATCH:
                 flush(split)
         for split in SPLITS:
             flush(split)
-        shards = {s: [w._asdict() for w in writers[s].finish()] for s in SPLITS}
+        return {s: [w._asdict() for w in writers[s].finish()] for s in SPLITS}
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
+
+
+def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
+    """Tokenizes and writes one input file's shards and its done marker; returns the marker."""
+    path, bad = spec.inputs[index], sources.Counter()
+    documents = sources.read_documents(path, index, spec.text_key, spec.format, spec.on_bad_record, bad)
+    split_of = lambda text: "validation" if is_validation(text, spec.validation_fraction) else "train"  # noqa: E731
+    shards = write_shards(_tokenizer(spec.tokenizer), ((d.text, split_of(d.text)) for d in documents),
+                          out, index, spec.shard_bytes)
     marker = {"input": path, "skipped_records": bad.skipped, "shards": shards}
     _write_json(epath.Path(out) / DONE / f"{index:05d}.json", marker)
     return marker
@@ -139,21 +147,40 @@ def run_beam(spec: Spec, out: str, pending: Sequence[int], beam_options: Sequenc
 
 
 def finish(spec: Spec, out: str) -> dict[str, Any]:
-    """meta.json from the done markers: inputs, tokenizer, counts per split and per shard."""
-    root, tok = epath.Path(out), _tokenizer(spec.tokenizer)
-    markers = [json.loads((root / DONE / f"{i:05d}.json").read_text()) for i in range(len(spec.inputs))]
+    """meta.json from the done markers."""
+    markers = [json.loads((epath.Path(out) / DONE / f"{i:05d}.json").read_text()) for i in range(len(spec.inputs))]
+    return write_meta(out, _tokenizer(spec.tokenizer), spec.tokenizer, [m["shards"] for m in markers],
+                      inputs=[{"path": p, "size": epath.Path(p).stat().length} for p in spec.inputs],
+                      text_key=spec.text_key, validation_fraction=spec.validation_fraction,
+                      skipped_records=sum(m["skipped_records"] for m in markers))
+
+
+def write_meta(out: str, tok: Tokenizer, tokenizer_spec: str, shards_per_input: list[dict[str, list]],
+               **fields: Any) -> dict[str, Any]:
+    """Writes meta.json: `fields` (what the corpus was made from), the tokenizer, and counts per
+    split and per shard, in input order."""
     splits = {}
     for split in SPLITS:
-        shards = [dict(shard, name=f"{split}/{shard['name']}") for m in markers for shard in m["shards"][split]]
+        shards = [dict(shard, name=f"{split}/{shard['name']}") for per in shards_per_input for shard in per[split]]
         totals = {k: sum(s[k] for s in shards) for k in ("documents", "tokens", "bytes")}
         splits[split] = {**totals, "shards": shards}
-    meta = {"format_version": FORMAT_VERSION,
-            "inputs": [{"path": p, "size": epath.Path(p).stat().length} for p in spec.inputs],
-            "text_key": spec.text_key, "validation_fraction": spec.validation_fraction,
-            "tokenizer": spec.tokenizer, "tokenizer_fingerprint": tok.fingerprint(),
-            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "skipped_records": sum(m["skipped_records"] for m in markers), "splits": splits}
-    _write_json(root / META, meta)
+    meta = {"format_version": FORMAT_VERSION, **fields, "tokenizer": tokenizer_spec,
+            "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "pad_id": tok.pad_id, "splits": splits}
+    _write_json(epath.Path(out) / META, meta)
+    return meta
+
+
+def prepare_documents(out: str, tok: Tokenizer, tokenizer_spec: str, documents: Iterable[tuple[str, str]],
+                      **fields: Any) -> dict[str, Any]:
+    """Prepares (text, split) pairs in one process (the built-in corpora, on first use): written
+    beside `out` and renamed into place whole, so `out` is either absent or complete."""
+    tmp = f"{out}.tmp-{os.getpid()}"
+    for split in SPLITS:
+        os.makedirs(os.path.join(tmp, split), exist_ok=True)
+    meta = write_meta(tmp, tok, tokenizer_spec, [write_shards(tok, documents, tmp, 0, Spec((), "").shard_bytes)],
+                      **fields)
+    os.replace(tmp, out)
     return meta
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 from etils import epath
 
 from gqlm.config import ConfigDict, ConfigError
-from gqlm.config.data import parse_sources
 from gqlm.data import packing
 from gqlm.data.prepare import FORMAT_VERSION, META
 from gqlm.data.shards import INDEX_SUFFIX, decode_record
@@ -145,14 +144,19 @@ class FetchRows:
         return out
 
 
-def open_sources(data: ConfigDict, tokenizer: Tokenizer, split: str) -> tuple[list[PreparedSplit], list[float]]:
-    """The splits of `data.sources` and their weights; an empty split is refused."""
+Sources = list[tuple[str, float]]  # (prepared directory, weight)
+
+
+def open_sources(sources: Sources, seq_len: int, tokenizer: Tokenizer, split: str,
+                 describe: Callable[[str], str]) -> tuple[list[PreparedSplit], list[float]]:
+    """The `split` of each source, and their weights; a split too short for one row is refused
+    (`describe(directory)` names the source in that error)."""
     splits, weights = [], []
-    for directory, weight in parse_sources(data.sources):
+    for directory, weight in sources:
         source = PreparedSplit(directory, split, read_meta(directory, tokenizer))
-        if source.length < data.seq_len + 1:
-            raise ConfigError(f"data.sources: the {split} split of {directory!r} has {source.length} tokens; "
-                              f"data.seq_len={data.seq_len} needs at least {data.seq_len + 1}")
+        if source.length < seq_len + 1:
+            raise ConfigError(f"{describe(directory)} split {split!r} is empty or too small: {source.length} "
+                              f"tokens, data.seq_len={seq_len} needs at least {seq_len + 1}")
         splits.append(source)
         weights.append(weight)
     return splits, weights
@@ -167,9 +171,10 @@ def row_batches(splits: list[PreparedSplit], weights: list[float], config: Confi
     return ds.batch(d.batch_size, drop_remainder=True)
 
 
-def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, lo: int, hi: int) -> grain.DatasetIterator:
+def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, splits: list[PreparedSplit],
+                        weights: list[float], lo: int, hi: int) -> grain.DatasetIterator:
+    """Host-local batches (rows [lo, hi) of every global batch) of the mixture of `splits`."""
     d = config.data
-    splits, weights = open_sources(d, tokenizer, "train")
     ds = row_batches(splits, weights, config).map(FetchRows(splits, d.seq_len, tokenizer.pad_id, lo, hi))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if d.worker_count > 0:
@@ -177,14 +182,10 @@ def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, lo: int, hi: i
     return iter(it)
 
 
-def make_eval_sets(config: ConfigDict, tokenizer: Tokenizer, split: str, num_batches: int, lo: int,
-                   hi: int) -> dict[str, list[Batch]]:
-    """Per source: the first `num_batches` global batches of `split` (rows past its end are padding)."""
-    d, out = config.data, {}
-    for source in open_sources(d, tokenizer, split)[0]:
-        num_rows = source.rows(d.seq_len, full=False)
-        count = min(num_batches, -(-num_rows // d.batch_size))
-        rows = [b * d.batch_size + np.arange(lo, hi) for b in range(count)]
-        out[source.name] = [pack_window_rows(source, np.where(r < num_rows, r, -1), d.seq_len, tokenizer.pad_id)
-                            for r in rows]
-    return out
+def eval_batches(split: PreparedSplit, seq_len: int, batch_size: int, pad_id: int, num_batches: int, lo: int,
+                 hi: int) -> list[Batch]:
+    """The first `num_batches` global batches covering `split` (rows past its end are padding)."""
+    num_rows = split.rows(seq_len, full=False)
+    count = min(num_batches, -(-num_rows // batch_size))
+    rows = [b * batch_size + np.arange(lo, hi) for b in range(count)]
+    return [pack_window_rows(split, np.where(r < num_rows, r, -1), seq_len, pad_id) for r in rows]

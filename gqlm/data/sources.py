@@ -142,3 +142,17 @@ def _parquet_documents(path: str, file_index: int, text_key: str, on_bad_record:
             else:
                 _bad(path, f": row {row}", f"column {text_key!r} is not a string ({text!r:.40})", on_bad_record, bad)
             row += 1
+
+
+def sample_documents(files: Sequence[str], budget_bytes: int, text_key: str = "text", fmt: str = "",
+                     on_bad_record: str = "raise") -> Iterator[str]:
+    """A deterministic sample of about `budget_bytes` of text, streamed: the first documents of
+    each file up to an equal share of the budget, so the sample spans every file."""
+    share = max(1, budget_bytes // max(len(files), 1))
+    for index, path in enumerate(files):
+        taken = 0
+        for doc in read_documents(path, index, text_key, fmt, on_bad_record):
+            yield doc.text
+            taken += len(doc.text.encode("utf-8", "surrogateescape"))
+            if taken >= share:
+                break

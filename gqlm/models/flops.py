@@ -15,11 +15,10 @@ from flax import nnx
 
 from gqlm.config import ConfigDict
 from gqlm.models.attention import head_dims
+from gqlm.models.transformer import Transformer
 
 
 def _param_names_and_sizes(cfg: ConfigDict) -> list[tuple[tuple[str, ...], int]]:
-    from gqlm.models.transformer import Transformer  # flops.py stays importable without the model
-
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     rows = []
     for _, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config = cli.config()
-    task = task_for(config)
+    task = task_for(config, dry_run=FLAGS.dry_run)
     if FLAGS.dry_run:
         print(dry_run_report(build_experiment(config, task), task))
         return

@@ -73,10 +73,14 @@ def build_experiment(config: ConfigDict, task: Builder) -> Experiment:
     return task.build(config, make_mesh(config.mesh))
 
 
-def build_lm(config: ConfigDict, mesh: Mesh) -> Experiment:
-    """The language model's experiment."""
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config = resolve_vocab(config, tokenizer)
+def build_lm(config: ConfigDict, mesh: Mesh, with_tokenizer: bool = True) -> Experiment:
+    """The language model's experiment. `with_tokenizer=False` (a dry run) builds it from an
+    explicit model.vocab_size, without reading the tokenizer (which may live on the pod only)."""
+    if not with_tokenizer and config.model.vocab_size > 0:
+        tokenizer = None
+    else:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        config = resolve_vocab(config, tokenizer)
     model = state_lib.build_model(config.model, config.mesh.rules, mesh)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, model.abstract_params)
     shardings = state_lib.state_shardings(model, tx, mesh)

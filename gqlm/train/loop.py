@@ -97,7 +97,7 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
                                      task.progress_keys)
         pending, eval_metrics, skipped = None, {}, 0
         for step in progress:
-            batch = to_global(next(data_iter), batch_sharding)
+            batch = to_global(throughput.next_batch(data_iter), batch_sharding)
             with jax.transfer_guard("disallow"):
                 state, metrics = train_step(state, batch)
             done = step + 1

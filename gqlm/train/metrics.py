@@ -83,12 +83,20 @@ class MetricWriter:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last call."""
+    """Tokens/s, MFU and the fraction of wall time spent waiting for data, over the steps since
+    the last call."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak_total = peak_flops * jax.device_count() if peak_flops else None
-        self.last_time, self.last_step = time.perf_counter(), None
+        self.last_time, self.last_step, self.data_wait = time.perf_counter(), None, 0.0
+
+    def next_batch(self, iterator: Any) -> Any:
+        """`next(iterator)`, timed: the host's wait for the input pipeline."""
+        start = time.perf_counter()
+        batch = next(iterator)
+        self.data_wait += time.perf_counter() - start
+        return batch
 
     def __call__(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -96,8 +104,9 @@ class Throughput:
         if self.last_step is not None and step > self.last_step:
             seconds = (now - self.last_time) / (step - self.last_step)
             tokens_per_s = self.tokens_per_step / seconds
-            out = {"step_time_s": seconds, "tokens_per_s": tokens_per_s}
+            out = {"step_time_s": seconds, "tokens_per_s": tokens_per_s,
+                   "data_wait_fraction": self.data_wait / max(now - self.last_time, 1e-9)}
             if self.peak_total:
                 out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
-        self.last_time, self.last_step = now, step
+        self.last_time, self.last_step, self.data_wait = now, step, 0.0
         return out

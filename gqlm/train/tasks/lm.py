@@ -20,8 +20,11 @@ from gqlm.train.tasks.base import Batch, Task
 class LMTask(Task):
     progress_keys = ("loss", "bpb")
 
+    def __init__(self, with_tokenizer: bool = True):
+        self.with_tokenizer = with_tokenizer  # False: a dry run (see build_lm)
+
     def build(self, config: ConfigDict, mesh: Mesh) -> Experiment:
-        return build_lm(config, mesh)
+        return build_lm(config, mesh, self.with_tokenizer)
 
     def train_iterator(self, exp: Experiment) -> Any:
         return pipeline.make_train_iterator(exp.config, exp.tokenizer)

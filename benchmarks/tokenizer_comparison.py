@@ -3,7 +3,7 @@
     python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k --stop_at_step 800
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
-    PYTHONPATH=. python benchmarks/tokenizers.py [--vocab_sizes 1024,4096,8192] [--lm=false] \
+    PYTHONPATH=. python benchmarks/tokenizer_comparison.py [--vocab_sizes 1024,4096,8192] [--lm=false] \
       [--checkpoints vqvae=workdirs/vqvae,gqvae400=workdirs/gqvae,gqvae16k=workdirs/gqvae_8k]
 
 Every `--checkpoints` entry NAME=WORKDIR is a row kind (a GQ-VAE, or a VQ-VAE: fixed gates), built
