@@ -24,10 +24,11 @@ setup(
         "matplotlib==3.11.2",  # scaling-fit and synthetic-task plots
         "pyarrow==25.0.1",  # parquet corpora and score files (the version apache-beam 2.77 accepts)
         "zstandard==0.25.0",  # .jsonl.zst corpora
+        "safetensors==0.8.0",  # HF checkpoints: gqlm.export, init.from_hf (numpy only, no torch)
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
-        "parity": ["torch==2.13.0"],
+        "parity": ["torch==2.13.0", "transformers==5.24.0"],  # transformers: HF interop parity tests
         "beam": ["apache-beam==2.77.0"],  # gqlm.prepare --runner=beam (DirectRunner here; Dataflow/Flink/Spark)
     },
 )

@@ -43,6 +43,13 @@ def define_config_overrides() -> None:
         fail(str(e).splitlines()[0])
 
 
+def define_saved_run_flags(workdir_help: str = "A training workdir with checkpoints.") -> None:
+    """The flags of every command that reads a saved run: --workdir, --step and overrides."""
+    define_config_overrides()
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest that verifies).")
+
+
 def _override_keys(argv: list[str]) -> list[str]:
     prefix = f"--{CONFIG_FLAG}."
     return [arg[len(prefix):].partition("=")[0] for arg in argv if arg.startswith(prefix)]

@@ -14,8 +14,7 @@ from gqlm.train.checkpoint import restore_trained
 from gqlm.train.sampling import sample_text
 from gqlm.train.tasks.lm import LMTask
 
-cli.define_config_overrides()
-flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+cli.define_saved_run_flags()
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
 flags.DEFINE_integer("num_tokens", 200, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
@@ -30,7 +29,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.num_tokens < 1:
         cli.fail("--temperature and --top_k must be >= 0 and --num_tokens >= 1")
     edit = functools.partial(apply_overrides, overrides=cli.overrides())
-    exp, _, state = restore_trained(FLAGS.workdir, LMTask(), edit=edit)
+    exp, _, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step, edit)
     with jax.set_mesh(exp.mesh):
         print(FLAGS.prompt + sample_text(exp, state.params, FLAGS.prompt, FLAGS.num_tokens,
                                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed))

@@ -100,11 +100,10 @@ def scored_rows(source: PreparedSplit, rows: np.ndarray, num_rows: int, seq_len:
 
 def define_flags() -> None:
     """Flags of the command (defined only when run, so importing this module defines none)."""
-    flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint scores the documents.")
+    cli.define_saved_run_flags("Training workdir whose checkpoint scores the documents.")
     flags.DEFINE_string("split", "train", "Corpus split to score: train or validation.")
     flags.DEFINE_string("out", None, "Output Parquet file.")
     flags.DEFINE_integer("batches", None, "Score only the first N batches (default: the whole split).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
 def main(argv: list[str]) -> None:
@@ -127,6 +126,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.define_config_overrides()
     define_flags()
     cli.run(main)

@@ -20,6 +20,7 @@ LAYERS = (
     ("tokenizers", ("gqlm.tokenizers",)),
     ("data pipeline", ("gqlm.data",)),
     ("models, optimizers", ("gqlm.models", "gqlm.optim")),
+    ("interop", ("gqlm.interop",)),
     ("train", ("gqlm.train",)),
     ("eval and entry points", ("gqlm.eval", "gqlm.score", "gqlm.sample", "gqlm.tokenize", "gqlm.prepare",
                                "gqlm.export", "gqlm.lm_eval")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gqlm.config import data, gqvae, mesh, model, optimizer, train
+from gqlm.config import data, gqvae, init, mesh, model, optimizer, train
 from gqlm.config.data import PHONEBOOK_NAMES, SYNTHETIC_TASKS  # noqa: F401  (re-exported)
 from gqlm.config.errors import ConfigError, check
 from gqlm.config.files import (apply_override_strings, apply_overrides, check_override_keys,  # noqa: F401
@@ -32,6 +32,7 @@ def base_config() -> ConfigDict:
     c.train = train.defaults()
     c.mesh = mesh.defaults()
     c.gqvae = gqvae.defaults()  # the GQ-VAE tokenizer model, trained separately from the LM
+    c.init = init.defaults()  # initial LM parameters: random, or a HF checkpoint
     return c
 
 
@@ -48,6 +49,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
           f"{batch_shards} x train.grad_accum={t.grad_accum}")
     optimizer.validate(config.optimizer)
     gqvae.validate(config.gqvae)
+    init.validate(config.init)
 
 
 def config_from_dict(saved: dict) -> ConfigDict:

@@ -18,11 +18,9 @@ from gqlm.train.evaluation import evaluate
 from gqlm.train.experiment import jit_eval_step
 from gqlm.train.tasks.lm import LMTask
 
-cli.define_config_overrides()
-flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+cli.define_saved_run_flags()
 flags.DEFINE_string("split", "validation", "Corpus split to evaluate.")
 flags.DEFINE_integer("batches", 16, "Number of batches (of data.batch_size rows).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 FLAGS = flags.FLAGS
 
 

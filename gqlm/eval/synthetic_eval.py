@@ -107,10 +107,9 @@ def _local(x: jax.Array) -> np.ndarray:
 
 def define_flags() -> None:
     """Flags of the command (defined only when run, so importing this module defines none)."""
-    flags.DEFINE_string("workdir", None, "A training workdir of a synthetic-task run.")
+    cli.define_saved_run_flags("A training workdir of a synthetic-task run.")
     flags.DEFINE_list("lengths", [], "Input lengths to evaluate (default: min, max, 2max, 4max).")
     flags.DEFINE_integer("batches", 2, "Batches (of data.batch_size rows) per length.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_string("out", None, "Also write the results as JSON here.")
 
 
@@ -137,6 +136,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.define_config_overrides()
     define_flags()
     cli.run(main)

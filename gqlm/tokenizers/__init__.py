@@ -13,10 +13,17 @@ from gqlm.config import ConfigError
 from gqlm.tokenizers.base import Tokenizer, read_manifest
 from gqlm.tokenizers.bpe import BPETokenizer
 from gqlm.tokenizers.byte import ByteTokenizer
-from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
+
+
+def _load_gqvae(path: str) -> Tokenizer:
+    # Imported on use: JAX and Flax take ~2 s to import, which every process that only needs
+    # bytes or BPE (each gqlm.prepare worker, each grain worker) would otherwise pay.
+    from gqlm.tokenizers.gqvae.tokenizer import GQVAETokenizer
+    return GQVAETokenizer.load(path)
+
 
 # kind -> loader of a tokenizer directory (`kind:DIR`); `byte` needs no directory.
-DIRECTORY_KINDS: dict[str, Callable[[str], Tokenizer]] = {"bpe": BPETokenizer.load, "gqvae": GQVAETokenizer.load}
+DIRECTORY_KINDS: dict[str, Callable[[str], Tokenizer]] = {"bpe": BPETokenizer.load, "gqvae": _load_gqvae}
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

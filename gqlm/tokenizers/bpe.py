@@ -103,6 +103,10 @@ class BPETokenizer:
     def token_bytes(self) -> np.ndarray:
         return np.array([len(b) for b in self._id_bytes], np.int32)
 
+    def hf_tokenizer(self) -> tokenizers.Tokenizer:
+        """A copy of the underlying HF tokenizer (without gqlm's BOS/EOS/PAD), e.g. for export."""
+        return tokenizers.Tokenizer.from_str(self._json)
+
     def fingerprint(self) -> str:
         return fingerprint_of(self.kind, str(FORMAT_VERSION), self._json)
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from gqlm import config as config_lib
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.interop import hf_config
 from gqlm.mesh import make_mesh
 from gqlm.optim.factory import make_optimizer
 from gqlm.tokenizers import load_tokenizer
@@ -76,6 +77,9 @@ def build_experiment(config: ConfigDict, task: Builder) -> Experiment:
 def build_lm(config: ConfigDict, mesh: Mesh, with_tokenizer: bool = True) -> Experiment:
     """The language model's experiment. `with_tokenizer=False` (a dry run) builds it from an
     explicit model.vocab_size, without reading the tokenizer (which may live on the pod only)."""
+    if config.init.from_hf:  # the model's shape is the HF checkpoint's config.json
+        config = hf_config.apply_hf_model(config)
+        config_lib.validate(config, jax.device_count())
     if not with_tokenizer and config.model.vocab_size > 0:
         tokenizer = None
     else:

@@ -80,13 +80,15 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 
 def init_state(model_cfg: ConfigDict, tx: optax.GradientTransformation, seed: int,
-               shardings: TrainState) -> TrainState:
-    """Initialises parameters and optimizer state directly into their shards."""
-    def init(key):
+               shardings: TrainState, params: Any = None) -> TrainState:
+    """Initialises parameters (unless given, already on their shardings: they are donated) and
+    optimizer state directly into their shards."""
+    def init(key, params):
         param_key, state_key = jax.random.split(key)
-        params = init_params(model_cfg, param_key)
+        if params is None:
+            params = init_params(model_cfg, param_key)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(jax.random.PRNGKey(seed), params)
 
 
 def describe(abstract: TrainState) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 
 from gqlm.config import ConfigDict
 from gqlm.data import pipeline
+from gqlm.interop import hf
 from gqlm.models.flops import count_params, flops_per_token
 from gqlm.train import state as state_lib
 from gqlm.train.evaluation import evaluate_sets
@@ -39,7 +40,11 @@ class LMTask(Task):
                           device_peak_flops(cfg.train.peak_flops_per_device))
 
     def init_state(self, exp: Experiment) -> state_lib.TrainState:
-        return state_lib.init_state(exp.config.model, exp.tx, exp.config.seed, exp.shardings)
+        """Random parameters, or those of `init.from_hf` (each device reading only its shard)."""
+        cfg, params = exp.config, None
+        if cfg.init.from_hf:
+            params = hf.load_params(cfg.init.from_hf, cfg.model, exp.model.abstract_params, exp.model.param_shardings)
+        return state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings, params)
 
     def train_step(self, exp: Experiment) -> Callable:
         return jit_train_step(exp)
