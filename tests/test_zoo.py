@@ -137,3 +137,18 @@ def test_soap_member_builds_and_first_call_is_zero():
     got = _run("soap", params, grads)
     for k in params:
         np.testing.assert_array_equal(got[k], params[k])
+
+
+def test_the_default_head_pattern_finds_the_models_untied_head():
+    from flax import nnx
+
+    from gqlm.models.transformer import Transformer
+    cfg = base_config().model
+    cfg.update({"tie_embeddings": False, "vocab_size": 128, "embed_dim": 16, "num_layers": 1, "num_heads": 2,
+                "mlp_dim": 32})
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))
+    tx = AL.scale_by_adalayer(head_pattern=base_config().optimizer.adalayer_head_pattern)
+    nu = jax.eval_shape(tx.init, params).nu
+    heads = [AL.path_str(p) for p, v in jax.tree_util.tree_flatten_with_path(nu)[0] if max(v.shape) > 1]
+    assert heads == ["unembed"]  # one v per output row there; every other tensor shares one scalar
+    assert nu["unembed"].shape == (1, 128)

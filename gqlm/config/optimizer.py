@@ -31,7 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
         merge_dims=False,
         precondition_1d=False,
         normalize_grads=False,
-        adalayer_head_pattern=r"(^|/)unembed/",  # adalayer: output-head params (one v per output row)
+        adalayer_head_pattern=r"(^|/)unembed(/|$)",  # adalayer: the untied output head (one v per output row)
         # Parameter groups: tuple of dicts {name, pattern (regex on the '/'-joined param path),
         # optimizer (name), lr_multiplier}; parameters matching no group use the main optimizer.
         groups=(),

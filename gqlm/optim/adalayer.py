@@ -40,7 +40,7 @@ def block_mean_square(g: jax.Array, nu_shape: tuple[int, ...]) -> jax.Array:
 
 
 def scale_by_adalayer(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                      head_pattern: str = r"(^|/)unembed/") -> optax.GradientTransformation:
+                      head_pattern: str = r"(^|/)unembed(/|$)") -> optax.GradientTransformation:
     head = re.compile(head_pattern)
 
     def init(params):
