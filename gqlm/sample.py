@@ -1,6 +1,8 @@
-"""python -m gqlm.sample --workdir DIR --prompt TEXT [--num_tokens 200] [--temperature 0.8] [--top_k 40]
+"""python -m gqlm.sample --workdir DIR --prompt TEXT [--prompt TEXT ...] [--num_tokens 200]
+[--temperature 0.8] [--top_k 40]
 
-Temperature 0 is greedy decoding.
+Temperature 0 is greedy decoding. Several `--prompt`s are continued together in one batch (KV
+cache, models/decode.py) and printed one after another, separated by a `---` line.
 """
 
 import functools
@@ -11,11 +13,11 @@ from absl import flags
 from gqlm import cli
 from gqlm.config import apply_overrides
 from gqlm.train.checkpoint import restore_trained
-from gqlm.train.sampling import sample_text
+from gqlm.train.sampling import sample_texts
 from gqlm.train.tasks.lm import LMTask
 
 cli.define_saved_run_flags()
-flags.DEFINE_string("prompt", "\n", "Text to continue.")
+flags.DEFINE_multi_string("prompt", ["\n"], "Text to continue; repeat the flag for a batch of prompts.")
 flags.DEFINE_integer("num_tokens", 200, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens; 0 = all.")
@@ -31,8 +33,9 @@ def main(argv: list[str]) -> None:
     edit = functools.partial(apply_overrides, overrides=cli.overrides())
     exp, _, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step, edit)
     with jax.set_mesh(exp.mesh):
-        print(FLAGS.prompt + sample_text(exp, state.params, FLAGS.prompt, FLAGS.num_tokens,
-                                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed))
+        texts = sample_texts(exp, state.params, FLAGS.prompt, FLAGS.num_tokens,
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed)
+    print("\n---\n".join(prompt + text for prompt, text in zip(FLAGS.prompt, texts)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Causal grouped-query attention over packed documents.
 
 B batch, T query length, S key length, D model dim, H query heads, G kv heads, R = H/G query
-heads per kv head, K head dim.
+heads per kv head, K head dim; U = S + T keys of a cached call (KV cache slots, then new tokens).
 
 A token attends to earlier-or-equal tokens of its own segment only. Padding (segment 0) attends
 to earlier padding, so every row keeps at least its diagonal and never yields NaN; padding
@@ -60,6 +60,31 @@ def dot_product_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Arra
     return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
+def cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGKS: jax.Array, k_BTGK: jax.Array,
+                     v_BTGK: jax.Array, mask_BTU: jax.Array, bias_BHTU: jax.Array | None = None) -> jax.Array:
+    """`dot_product_attention` over U = S + T keys: S slots of a KV cache, then the T new tokens.
+
+    The cache is read as it was before this call (the caller writes the new entries afterwards),
+    so XLA updates it in place rather than copying it for the dots. Queries are grouped per kv
+    head instead of repeating the cache R times; keys [B, G, S, K] and values [B, G, K, S] are
+    stored as the dots read them (from [B, S, G, K], XLA:CPU transposed the cache every step).
+    """
+    B, T, H, K = q_BTHK.shape
+    G, S = k_BGSK.shape[1:3]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    logits_BGRTU = jnp.concatenate([
+        jnp.einsum("btgrk,bgsk->bgrts", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32),
+        jnp.einsum("btgrk,bugk->bgrtu", q_BTGRK, k_BTGK, preferred_element_type=jnp.float32)], axis=-1)
+    logits_BGRTU = logits_BGRTU * (K ** -0.5)
+    if bias_BHTU is not None:
+        logits_BGRTU = logits_BGRTU + bias_BHTU.reshape(B, G, H // G, T, S + T)
+    logits_BGRTU = jnp.where(mask_BTU[:, None, None], logits_BGRTU, _MASKED)
+    probs_BGRTU = jax.nn.softmax(logits_BGRTU, axis=-1).astype(v_BGKS.dtype)
+    out_BTGRK = (jnp.einsum("bgrts,bgks->btgrk", probs_BGRTU[..., :S], v_BGKS)
+                 + jnp.einsum("bgrtu,bugk->btgrk", probs_BGRTU[..., S:], v_BTGK))
+    return out_BTGRK.reshape(B, T, H, K)
+
+
 def resolve_attention_impl(impl: str, compute_dtype: jnp.dtype) -> str:
     """`auto` -> cudnn on GPUs in bfloat16 (the fused kernel needs 16-bit inputs), else einsum."""
     if impl != "auto":
@@ -99,20 +124,56 @@ class Attention(nnx.Module):
         self.rope_theta = float(cfg.rope_theta)
         self.attention_impl = resolve_attention_impl(cfg.get("attention_impl", "auto"), self.compute_dtype)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    def _project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q_BTHK, k_BTGK, v_BTGK in the compute dtype, RoPE applied."""
         cdt = self.compute_dtype
         x_BTD = x_BTD.astype(cdt)
         q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(cdt))
         k_BSGK = jnp.einsum("bsd,dgk->bsgk", x_BTD, self.k[...].astype(cdt))
         v_BSGK = jnp.einsum("bsd,dgk->bsgk", x_BTD, self.v[...].astype(cdt))
-        bias_BHTS = None
         if self.position == "rope":
             q_BTHK = positions_lib.apply_rope(q_BTHK, positions_BT, self.rope_theta)
             k_BSGK = positions_lib.apply_rope(k_BSGK, positions_BT, self.rope_theta)
-        elif self.position == "alibi":
+        return q_BTHK, k_BSGK, v_BSGK
+
+    def _output(self, out_BTHK: jax.Array) -> jax.Array:
+        return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o[...].astype(self.compute_dtype))
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+        q_BTHK, k_BSGK, v_BSGK = self._project(x_BTD, positions_BT)
+        bias_BHTS = None
+        if self.position == "alibi":
             bias_BHTS = positions_lib.alibi_bias(q_BTHK.shape[2], positions_BT)
         if self.attention_impl == "einsum":
             out_BTHK = dot_product_attention(q_BTHK, k_BSGK, v_BSGK, attention_mask(segment_ids_BT), bias_BHTS)
         else:
             out_BTHK = fused_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, bias_BHTS, self.attention_impl)
-        return jnp.einsum("bthk,hkd->btd", out_BTHK, self.o[...].astype(cdt))
+        return self._output(out_BTHK)
+
+    def cached(self, x_BTD: jax.Array, positions_BT: jax.Array, k_BGSK: jax.Array,
+               v_BGKS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of T new tokens per row (at increasing positions) over this layer's KV cache.
+
+        Slot s holds position s of its row. A new token at t reads the slots before the row's
+        first new position and the new tokens up to t (one document per row: later slots hold
+        stale or padding entries); then the new keys and values are written at their positions.
+        Returns (y_BTD, k_BGSK, v_BGKS).
+        """
+        q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, positions_BT)
+        B, S = x_BTD.shape[0], k_BGSK.shape[2]
+        keys_BU = jnp.concatenate([jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S)),
+                                   positions_BT], axis=1)  # the position of each key
+        mask_BTU = jnp.concatenate([
+            jnp.broadcast_to(keys_BU[:, None, :S] < positions_BT[:, :1, None], (B, x_BTD.shape[1], S)),
+            keys_BU[:, None, S:] <= positions_BT[:, :, None]], axis=2)
+        bias_BHTU = None
+        if self.position == "alibi":
+            slopes_H = jnp.asarray(positions_lib.alibi_slopes(q_BTHK.shape[2]))
+            distance_BTU = (positions_BT[:, :, None] - keys_BU[:, None, :]).astype(jnp.float32)
+            bias_BHTU = -slopes_H[None, :, None, None] * distance_BTU[:, None, :, :]
+        out_BTHK = cached_attention(q_BTHK, k_BGSK, v_BGKS, k_BTGK, v_BTGK, mask_BTU, bias_BHTU)
+        rows_B1 = jnp.arange(B)[:, None]
+        # Indices split by slices: numpy puts the indexed [B, T] first, so [B, T, G, K] fits as is.
+        k_BGSK = k_BGSK.at[rows_B1, :, positions_BT].set(k_BTGK.astype(k_BGSK.dtype), mode="promise_in_bounds")
+        v_BGKS = v_BGKS.at[rows_B1, :, :, positions_BT].set(v_BTGK.astype(v_BGKS.dtype), mode="promise_in_bounds")
+        return self._output(out_BTHK), k_BGSK, v_BGKS

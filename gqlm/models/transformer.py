@@ -1,6 +1,7 @@
 """Decoder-only language model: embedding, pre-norm blocks (dense or MoE MLP), final norm, head.
 
-B batch, T length, D model dim, V vocab, L layers.
+B batch, T length, D model dim, V vocab, L layers; for the KV cache (`cached`): G kv heads,
+S cache slots, K head dim.
 
 `Transformer(config.model, rngs=...)(inputs_BT, positions_BT, segment_ids_BT)` returns float32
 `logits_BTV` and `aux`, a dict of auxiliary losses/metrics: empty for a dense model; for MoE
@@ -47,6 +48,18 @@ class Block(nnx.Module):
                  jitter_key: jax.Array | None = None,
                  rules: Sequence | None = None) -> tuple[jax.Array, Aux]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT).astype(x_BTD.dtype)
+        return self._mlp_residual(x_BTD, segment_ids_BT, jitter_key, rules)
+
+    def cached(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+               k_BGSK: jax.Array, v_BGKS: jax.Array,
+               rules: Sequence | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block over T new tokens attending to this layer's KV cache (`Attention.cached`)."""
+        y_BTD, k_BGSK, v_BGKS = self.attn.cached(self.attn_norm(x_BTD), positions_BT, k_BGSK, v_BGKS)
+        x_BTD, _ = self._mlp_residual(x_BTD + y_BTD.astype(x_BTD.dtype), segment_ids_BT, None, rules)
+        return x_BTD, k_BGSK, v_BGKS
+
+    def _mlp_residual(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, jitter_key: jax.Array | None,
+                      rules: Sequence | None) -> tuple[jax.Array, Aux]:
         h_BTD = self.mlp_norm(x_BTD)
         if self.is_moe:
             # Only what was given is passed on, so any MoE module with __call__(x, seg) fits.
@@ -117,13 +130,41 @@ class Transformer(nnx.Module):
                 x_BTD, layer_aux = block_fn(block, x_BTD, positions_BT, segment_ids_BT, key)
                 per_layer.append(layer_aux)
             aux_by_layer = dict(enumerate(per_layer))
+        return self._head(x_BTD), _summarise_aux(aux_by_layer)
+
+    def _head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and output projection: float32 logits_BTV."""
         x_BTD = self.final_norm(x_BTD)
         if self.tie_embeddings:
-            logits_BTV = self.embed.attend(x_BTD)
+            return self.embed.attend(x_BTD)
+        return jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(self.compute_dtype),
+                          preferred_element_type=jnp.float32)
+
+    def cached(self, inputs_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+               k_LBGSK: Any, v_LBGKS: Any, *,
+               rules: Sequence[tuple[str, Any]] | None = None) -> tuple[jax.Array, Any, Any]:
+        """Logits of T new tokens per row that also attend to a KV cache (models/decode.py).
+
+        The cache holds every layer's keys and values, slot s at position s of its row: a tuple
+        of L [B, G, S, K] arrays, each updated in place, or with `scan_layers` one array stacked
+        on axis 0 (scanned, so each step copies it layer by layer). The new tokens' entries are
+        written at `positions_BT`. Returns (logits_BTV, k_LBGSK, v_LBGKS).
+        """
+        x_BTD = self.embed(inputs_BT)
+        if self.scan_layers:
+            def layer(block, x_BTD, positions_BT, segment_ids_BT, k_BGSK, v_BGKS):
+                x_BTD, k_BGSK, v_BGKS = block.cached(x_BTD, positions_BT, segment_ids_BT, k_BGSK, v_BGKS, rules)
+                return x_BTD, (k_BGSK, v_BGKS)
+            scan = nnx.scan(layer, in_axes=(0, nnx.Carry, None, None, 0, 0), out_axes=(nnx.Carry, 0),
+                            transform_metadata=_LAYERS_AXIS)
+            x_BTD, (k_LBGSK, v_LBGKS) = scan(self.blocks, x_BTD, positions_BT, segment_ids_BT, k_LBGSK, v_LBGKS)
         else:
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembed[...].astype(self.compute_dtype),
-                                    preferred_element_type=jnp.float32)
-        return logits_BTV, _summarise_aux(aux_by_layer)
+            k_LBGSK, v_LBGKS = list(k_LBGSK), list(v_LBGKS)
+            for i, block in enumerate(self.blocks):
+                x_BTD, k_LBGSK[i], v_LBGKS[i] = block.cached(x_BTD, positions_BT, segment_ids_BT,
+                                                             k_LBGSK[i], v_LBGKS[i], rules)
+            k_LBGSK, v_LBGKS = tuple(k_LBGSK), tuple(v_LBGKS)
+        return self._head(x_BTD), k_LBGSK, v_LBGKS
 
     def _run_scanned(self, block_fn: Callable, x_BTD: jax.Array, positions_BT: jax.Array,
                      segment_ids_BT: jax.Array,
