@@ -344,3 +344,20 @@ def test_export_cli_round_trip(tmp_path):
     ids = random_ids(259)
     error = np.max(np.abs(gqlm_logits(exp.config.model, jax.device_get(state.params), ids) - hf_logits(out, ids)))
     assert error <= TOLERANCE
+
+
+@pytest.mark.parity
+def test_a_run_started_from_hf_is_read_back_without_the_hf_directory(tmp_path):
+    import shutil
+    hf_dir = save_hf_model("llama", tmp_path / "hf", vocab_size=384)
+    config = smoke_config()
+    with config.unlocked():
+        for key in ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):  # config.json's shape
+            config.model[key] = base_config().model[key]
+        config.init.from_hf = hf_dir
+        config.train.update({"steps": 2, "checkpoint_every": 2, "eval_every": 2, "sample_tokens": 0})
+    train(config, str(tmp_path / "run"), LMTask())
+    shutil.rmtree(hf_dir)
+    exp, step, state = restore_trained(str(tmp_path / "run"), LMTask())
+    assert step == 2 and exp.config.init.from_hf == ""
+    assert (exp.config.model.embed_dim, exp.config.model.mlp_dim) == (32, 40)  # the HF model's shape, as saved
