@@ -236,3 +236,36 @@ def test_tokenize_cli_learns_a_bpe_from_a_streamed_sample(corpus, tmp_path):
     tok = BPETokenizer.load(str(tmp_path / "bpe"))
     assert 300 < tok.vocab_size <= 400  # the sample's few words allow fewer merges than asked
     assert tok.decode(tok.encode("the king é 🙂")) == "the king é 🙂"
+
+
+@pytest.mark.slow
+def test_kill_9_during_prepare_then_rerun_gives_the_same_shards(tmp_path):
+    import signal
+    import time
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(24):  # ~24 x 1.5 MB: seconds of work, so the kill lands mid-run
+        (corpus / f"{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in random_docs(600, 500)))
+    args = [f"--input={corpus}/*.jsonl", "--workers=1", "--validation_fraction=0.1", "--shard_mb=1"]
+    assert run_prepare(*args, f"--out={tmp_path / 'ref'}").returncode == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "gqlm.prepare", *args, f"--out={out}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "_done" / "00003.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "meta.json").exists() and len(os.listdir(out / "_done")) < 24
+    result = run_prepare(*args, f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = json.loads((tmp_path / "ref" / "meta.json").read_text())
+    got = json.loads((out / "meta.json").read_text())
+    assert got["splits"] == want["splits"]
+    for split in ("train", "validation"):
+        assert not [f for f in os.listdir(out / split) if f.startswith(".tmp")]
+        for shard in want["splits"][split]["shards"]:
+            for suffix in ("", ".index.npy"):
+                name = shard["name"] + suffix
+                assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

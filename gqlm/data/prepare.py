@@ -110,6 +110,8 @@ def start(spec: Spec, out: str) -> list[int]:
     root = epath.Path(out)
     for sub in (DONE, *SPLITS):
         (root / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (root / sub).glob(".tmp-*"):  # parts of a killed run: never listed, now removed
+            stale.unlink()
     tok = _tokenizer(spec.tokenizer)
     wanted = {**spec._asdict(), "inputs": list(spec.inputs), "tokenizer_fingerprint": tok.fingerprint(),
               "format_version": FORMAT_VERSION}
