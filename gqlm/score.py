@@ -31,8 +31,8 @@ from gqlm import cli
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError, apply_overrides
 from gqlm.config.data import PREPARED
-from gqlm.data import corpora, packing, pipeline, synthetic
-from gqlm.data.prepared import PreparedSplit, pack_window_rows
+from gqlm.data import corpora, pipeline, synthetic
+from gqlm.data.prepared import window_rows
 from gqlm.data.score_files import write_scores
 from gqlm.train.checkpoint import restore_trained
 from gqlm.train.tasks.lm import LMTask
@@ -73,7 +73,8 @@ def score_documents(exp, params: Any, split: str, max_batches: int | None = None
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
     out = {k: np.zeros(num_docs) for k in ("nats", "bytes", "tokens")}
     for b in range(num_batches):
-        batch, target_doc_BT = scored_rows(source, b * B + np.arange(B), num_rows, T, exp.tokenizer.pad_id)
+        rows = b * B + np.arange(B)
+        batch, target_doc_BT = window_rows(source, np.where(rows < num_rows, rows, -1), T, exp.tokenizer.pad_id)
         ce_BT, bytes_BT = jax.device_get(token_loss(params, pipeline.to_global(batch, sharding)))
         mask = batch["loss_mask"] > 0
         doc = target_doc_BT[mask]
@@ -81,21 +82,6 @@ def score_documents(exp, params: Any, split: str, max_batches: int | None = None
         out["bytes"] += np.bincount(doc, np.asarray(bytes_BT)[mask], num_docs)
         out["tokens"] += np.bincount(doc, None, num_docs)
     return out
-
-
-def scored_rows(source: PreparedSplit, rows: np.ndarray, num_rows: int, seq_len: int,
-                pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The packed batch of `rows` (those past `num_rows` are padding) and the document of each
-    target (the window's token after the input position)."""
-    packed, docs = [], np.zeros((len(rows), seq_len), np.int64)
-    for i, row in enumerate(rows):
-        if row >= num_rows:
-            packed.append(pack_window_rows(source, np.array([-1]), seq_len, pad_id))
-            continue
-        tokens, doc_ids = source.window(int(row) * seq_len, seq_len + 1)
-        packed.append(packing.pack_rows(tokens, doc_ids, np.array([0]), seq_len, pad_id))
-        docs[i, :len(doc_ids) - 1] = doc_ids[1:]
-    return {k: np.concatenate([p[k] for p in packed]) for k in packed[0]}, docs
 
 
 def define_flags() -> None:

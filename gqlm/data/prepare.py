@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 META, SPEC, DONE = "meta.json", "prepare.json", "_done"
 SPLITS = ("train", "validation")
 RUNNERS = ("local", "beam")
+SHARD_BYTES = 256 << 20  # a new shard part past this many bytes
 ENCODE_BATCH = 64  # documents per encode_batch call: bounded memory, amortised tokenizer calls
 
 
@@ -45,7 +46,7 @@ class Spec(NamedTuple):
     format: str = ""
     validation_fraction: float = 0.005
     on_bad_record: str = "raise"
-    shard_bytes: int = 256 << 20
+    shard_bytes: int = SHARD_BYTES
 
 
 def is_validation(text: str, fraction: float) -> bool:
@@ -180,7 +181,7 @@ def prepare_documents(out: str, tok: Tokenizer, tokenizer_spec: str, documents: 
     tmp = f"{out}.tmp-{os.getpid()}"
     for split in SPLITS:
         os.makedirs(os.path.join(tmp, split), exist_ok=True)
-    meta = write_meta(tmp, tok, tokenizer_spec, [write_shards(tok, documents, tmp, 0, Spec((), "").shard_bytes)],
+    meta = write_meta(tmp, tok, tokenizer_spec, [write_shards(tok, documents, tmp, 0, SHARD_BYTES)],
                       **fields)
     os.replace(tmp, out)
     return meta

@@ -105,12 +105,20 @@ class PreparedSplit:
 
 def pack_window_rows(split: PreparedSplit, rows: np.ndarray, seq_len: int, pad_id: int) -> Batch:
     """The batch dict of `rows` of one split (-1: a padding row)."""
-    packed = []
+    return window_rows(split, rows, seq_len, pad_id)[0]
+
+
+def window_rows(split: PreparedSplit, rows: np.ndarray, seq_len: int, pad_id: int) -> tuple[Batch, np.ndarray]:
+    """(the batch dict of `rows` (-1: a padding row), the document of each target [R, T]: the
+    global document index of the window's token after each input position; 0 on padding)."""
+    packed, target_doc_RT = [], np.zeros((len(rows), seq_len), np.int64)
     padding = (np.array([pad_id], np.int32), np.zeros(1, np.int64))  # pack_rows indexes it, masks all
-    for row in np.asarray(rows):
+    for r, row in enumerate(np.asarray(rows)):
         tokens, doc_ids = split.window(int(row) * seq_len, seq_len + 1) if row >= 0 else padding
         packed.append(packing.pack_rows(tokens, doc_ids, np.array([0 if row >= 0 else -1]), seq_len, pad_id))
-    return {k: np.concatenate([p[k] for p in packed]) for k in packed[0]}
+        if row >= 0:
+            target_doc_RT[r, :len(doc_ids) - 1] = doc_ids[1:]
+    return {k: np.concatenate([p[k] for p in packed]) for k in packed[0]}, target_doc_RT
 
 
 class TagSource:
