@@ -322,7 +322,7 @@ def restore_trained(workdir: str, task: Builder, step: int | None = None,
     (e.g. command-line overrides: another mesh, another corpus)."""
     with SavedRun(workdir, step) as run:
         config = run.config()
-        if "init" in config and config.init.from_hf:  # the saved model section already has its shape
+        if config.init.from_hf:  # the saved model section already has its shape
             with config.unlocked():
                 config.init.from_hf = ""
         exp = build_experiment(edit(config) if edit else config, task)
