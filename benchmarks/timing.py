@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from typing import Any, Sequence
 
@@ -101,9 +102,20 @@ def mesh_overrides(mesh: tuple[int, int, int]) -> dict[str, str]:
     return {f"mesh.{axis}": str(size) for axis, size in zip(("data", "fsdp", "tensor"), mesh)}
 
 
+def code_version() -> str:
+    """The commit the benchmark ran at (`git describe`), "-dirty" when the tree had changes."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_results(path: str, results: dict[str, Any]) -> None:
-    """A benchmark's JSON results (the folder is created)."""
+    """A benchmark's JSON results (the folder is created), labelled with the commit and date
+    they were measured at, so a figure in the docs can name the code behind it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    results = {"commit": code_version(), "date": time.strftime("%Y-%m-%d"), **results}
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {path}")
