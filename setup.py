@@ -28,9 +28,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
-        "parity": ["torch==2.13.0", "transformers==5.24.0"],  # transformers: HF interop parity tests
+        # transformers: HF interop parity tests; accelerate: lm-eval's `hf` backend (tests/test_lm_eval.py)
+        "parity": ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.16.0"],
         "beam": ["apache-beam==2.77.0"],  # gqlm.prepare --runner=beam (DirectRunner here; Dataflow/Flink/Spark)
         "eval": ["lm-eval==0.4.13"],  # gqlm.lm_eval (lm-evaluation-harness model class)
         "wandb": ["wandb==0.31.0"],  # train.wandb_project
+        "gcs": ["gcsfs==2026.10.1"],  # gs:// inputs and outputs of gqlm.prepare and gqlm.tokenize
     },
 )

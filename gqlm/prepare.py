@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.input or not FLAGS.out:
         cli.fail("--input and --out are required")
+    sources.check_remote(FLAGS.out, "--out")
     spec = Spec(tuple(sources.expand(FLAGS.input)), FLAGS.tokenizer, FLAGS.text_key, FLAGS.format,
                 FLAGS.validation_fraction, FLAGS.on_bad_record, FLAGS.shard_mb << 20)
     start = time.perf_counter()

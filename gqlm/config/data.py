@@ -86,6 +86,9 @@ def parse_sources(text: str) -> list[tuple[str, float]]:
             value = float("nan")
         check(bool(path) and value > 0 and value < float("inf"),
               f"data.sources entry {item.strip()!r} must be DIR or DIR=WEIGHT with a positive number as WEIGHT")
+        # ArrayRecord's reader opens local files only: a bucket is read through a mount.
+        check("://" not in path, f"data.sources entry {path!r}: training reads prepared shards from a local "
+              "path; mount the bucket (gcsfuse, as on TPU VMs) and name the mounted directory")
         out.append((path, value))
     total = sum(w for _, w in out)
     return [(p, w / total) for p, w in out]

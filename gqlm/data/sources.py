@@ -21,6 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import pyarrow.parquet as pq
 import zstandard
+import fsspec
 from etils import epath
 
 from gqlm.config import ConfigError
@@ -51,10 +52,22 @@ def format_of(path: str, forced: str = "") -> str:
     return "txt"
 
 
+def check_remote(path: str, flag: str) -> None:
+    """A remote path's filesystem is installed (gs:// needs gcsfs: the `gcs` extra), else a one-line error."""
+    protocol, sep, _ = path.partition("://")
+    if not sep:
+        return
+    try:
+        fsspec.get_filesystem_class("gcs" if protocol == "gs" else protocol)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"{flag}={path!r}: {e} (for gs:// install the gcs extra: pip install -e '.[gcs]')") from None
+
+
 def expand(patterns: Sequence[str]) -> list[str]:
     """The files of each glob (sorted, deduplicated, in the order of the patterns); an empty glob is an error."""
     files: list[str] = []
     for pattern in patterns:
+        check_remote(pattern, "--input")
         if "://" in pattern:
             root, _, rest = pattern.partition("://")
             bucket, _, tail = rest.partition("/")
