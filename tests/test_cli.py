@@ -20,7 +20,7 @@ def run_cli(module, *args, cwd=ROOT):
 
 
 def test_dry_run_of_the_pod_model_allocates_nothing():
-    result = run_cli("gqlm.train", "--config", "experiments/dense_1b.py", "--dry_run",
+    result = run_cli("gqlm.train", "--config", "experiments/dense_1b.py", "--dry_run", "--nodry_run_compile",
                      "--config.mesh.fsdp=-1", "--config.mesh.data=1")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout

@@ -15,6 +15,10 @@ from typing import Iterable
 
 import numpy as np
 
+# The batch contract: every key is [rows, seq_len].
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
+                "loss_mask": np.float32}
+
 
 def concat_documents(docs: Iterable[np.ndarray | list[int]], bos_id: int, eos_id: int
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +60,11 @@ def pack_rows(tokens: np.ndarray, doc_ids: np.ndarray, rows: np.ndarray, seq_len
     starts_RT[:, 1:] = doc_RT[:, 1:] != doc_RT[:, :-1]
     t_RT = np.broadcast_to(np.arange(seq_len), real_RT.shape)
     start_pos_RT = np.maximum.accumulate(np.where(starts_RT, t_RT, 0), axis=1)
-    return {
-        "inputs": np.where(real_RT, tok_RW[:, :-1], pad_id).astype(np.int32),
-        "targets": np.where(real_RT, tok_RW[:, 1:], pad_id).astype(np.int32),
-        "positions": np.where(real_RT, t_RT - start_pos_RT, 0).astype(np.int32),
-        "segment_ids": np.where(real_RT, np.cumsum(starts_RT, axis=1), 0).astype(np.int32),
-        "loss_mask": (real_RT & (doc_RW[:, 1:] == doc_RT)).astype(np.float32),
+    batch = {
+        "inputs": np.where(real_RT, tok_RW[:, :-1], pad_id),
+        "targets": np.where(real_RT, tok_RW[:, 1:], pad_id),
+        "positions": np.where(real_RT, t_RT - start_pos_RT, 0),
+        "segment_ids": np.where(real_RT, np.cumsum(starts_RT, axis=1), 0),
+        "loss_mask": real_RT & (doc_RW[:, 1:] == doc_RT),
     }
+    return {k: v.astype(BATCH_DTYPES[k]) for k, v in batch.items()}

@@ -19,9 +19,10 @@ import grain
 import jax
 import numpy as np
 
+from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.config.data import PREPARED, parse_sources
-from gqlm.data import corpora, prepared, synthetic
+from gqlm.data import corpora, packing, prepared, synthetic
 from gqlm.data.prepare import META, SPLITS, prepare_documents
 from gqlm.tokenizers.base import Tokenizer, fingerprint_of
 
@@ -104,6 +105,13 @@ def make_eval_sets(config: ConfigDict, tokenizer: Tokenizer, split: str = "valid
     names = [s.name if [t.name for t in splits].count(s.name) == 1 else f"{s.name}_{i}" for i, s in enumerate(splits)]
     return {name: prepared.eval_batches(s, d.seq_len, d.batch_size, tokenizer.pad_id, num_batches, lo, hi)
             for name, s in zip(names, splits)}
+
+
+def abstract_batch(config: ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global `[B, T]` batch the train step receives, as sharded ShapeDtypeStructs."""
+    sharding = mesh_lib.batch_sharding(mesh, config.mesh.rules)
+    shape = (config.data.batch_size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in packing.BATCH_DTYPES.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

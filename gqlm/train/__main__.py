@@ -14,6 +14,8 @@ from absl import flags
 
 from gqlm import cli
 from gqlm.train import state as state_lib
+from gqlm.train.compiled_memory import compiled_memory
+from gqlm.train.compiled_memory import describe as describe_compiled
 from gqlm.train.experiment import Experiment, build_experiment
 from gqlm.train.loop import TrainingStopped, train
 from gqlm.train.tasks import task_for
@@ -22,12 +24,15 @@ from gqlm.train.tasks.base import Task
 cli.define_config_file()
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs; re-running resumes from it.")
 flags.DEFINE_bool("dry_run", False, "Build the mesh and abstract state, print the layout, exit.")
+flags.DEFINE_bool("dry_run_compile", True, "--dry_run also compiles the train step for XLA's per-device "
+                  "memory (minutes for a pod-sized model on a CPU host).")
 flags.DEFINE_integer("stop_at_step", None, "End this run (with a checkpoint) at this step; resume later.")
 FLAGS = flags.FLAGS
 
 
 def dry_run_report(exp: Experiment, task: Task) -> str:
-    """Parameter count, FLOPs/token, per-device memory and every parameter's sharding."""
+    """Parameter count, FLOPs/token, per-device memory (state, and the train step as XLA
+    compiles it) and every parameter's sharding."""
     memory = state_lib.describe(exp.abstract)
     model_lines, optimizer = task.describe(exp)
     lines = [
@@ -37,6 +42,10 @@ def dry_run_report(exp: Experiment, task: Task) -> str:
         f"optimizer state {memory['opt_bytes_per_device'] / 2**20:,.1f} MiB ({optimizer})",
         "parameter shardings:",
     ]
+    batch = task.abstract_batch(exp) if FLAGS.dry_run_compile else None
+    if batch is not None:
+        memory = compiled_memory(task.train_step(exp), exp.abstract, batch)
+        lines.insert(-1, describe_compiled(memory, jax.devices()[0].platform))
     for name, shape, spec in state_lib.param_sharding_table(exp.model):
         lines.append(f"  {name:<48} {str(shape):<22} {spec}")
     return "\n".join(lines)

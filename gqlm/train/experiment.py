@@ -38,8 +38,12 @@ class Experiment(NamedTuple):
 
     @property
     def token_bytes(self) -> jax.Array:
-        table = self.tokenizer.token_bytes()
+        """UTF-8 bytes of each token id (zeros without a tokenizer: a dry run compiles the same
+        step shapes without reading the tokenizer's files)."""
         padded = jnp.zeros((self.config.model.vocab_size,), jnp.float32)
+        if self.tokenizer is None:
+            return padded
+        table = self.tokenizer.token_bytes()
         return padded.at[: len(table)].set(jnp.asarray(table, jnp.float32))
 
 

@@ -43,6 +43,11 @@ class Task:
         """A fresh state on `exp.shardings` (a NamedTuple with step, params, opt_state, rng)."""
         raise NotImplementedError
 
+    def abstract_batch(self, exp: Experiment) -> Batch | None:
+        """The global batch as sharded ShapeDtypeStructs (for the dry run's compiled memory), or
+        None if the task cannot say without data."""
+        return None
+
     def train_step(self, exp: Experiment) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
         """Jitted `(state, global batch) -> (state, metrics)`; metrics hold `loss` and `nonfinite`."""
         raise NotImplementedError

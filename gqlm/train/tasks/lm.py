@@ -39,6 +39,9 @@ class LMTask(Task):
         return Throughput(cfg.data.batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len),
                           device_peak_flops(cfg.train.peak_flops_per_device))
 
+    def abstract_batch(self, exp: Experiment) -> Batch:
+        return pipeline.abstract_batch(exp.config, exp.mesh)
+
     def init_state(self, exp: Experiment) -> state_lib.TrainState:
         """Random parameters, or those of `init.from_hf` (each device reading only its shard)."""
         cfg, params = exp.config, None
