@@ -35,7 +35,7 @@ def dense_experiment(size: str) -> ConfigDict:
     if size == "1b":  # Pod scale: shard params and optimizer state, bf16 compute, remat.
         config.mesh.data, config.mesh.fsdp = 1, -1
         config.model.compute_dtype = "bfloat16"
-        config.model.remat = True
+        config.model.remat = "full"
         config.data.seq_len = 2048
         config.data.batch_size = 512
     return config

@@ -97,7 +97,7 @@ def test_transformer_jitter_key_reaches_every_layer_scan_or_not():
     scanned, aux_s, _ = forward(model_cfg(scan_layers=True), stacked, jitter_key=key)
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(jit_a), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(aux_s["layer_1/load"]), np.asarray(aux_a["layer_1/load"]))
-    rematted, _, _ = forward(model_cfg(remat=True), params, jitter_key=key)
+    rematted, _, _ = forward(model_cfg(remat="full"), params, jitter_key=key)
     np.testing.assert_allclose(np.asarray(rematted), np.asarray(jit_a), rtol=1e-5, atol=1e-6)
 
 

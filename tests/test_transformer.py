@@ -1,9 +1,14 @@
 """The decoder LM: packing and causality invariants, dtypes, remat, scan, MoE hook, counts."""
 
+import contextlib
+import io
+import math
+import re
 import sys
 import types
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,11 +137,29 @@ def loss_and_grads(model, ids):
     return _loss_and_grads(*nnx.split(model), jnp.asarray(ids))
 
 
-def test_remat_same_output_and_grads():
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_same_output_and_grads(policy):
     ids = tokens(6)
     base = loss_and_grads(Transformer(tiny_cfg(), rngs=nnx.Rngs(0)), ids)
-    remat = loss_and_grads(Transformer(tiny_cfg(remat=True), rngs=nnx.Rngs(0)), ids)
+    remat = loss_and_grads(Transformer(tiny_cfg(remat=policy), rngs=nnx.Rngs(0)), ids)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), base, remat)
+
+
+def test_remat_policies_save_less_in_the_documented_order():
+    """none keeps every residual, dots_saveable the matmul outputs, the no-batch-dims policy drops
+    attention's batched dots too, full only each block's input: bytes saved for the backward pass."""
+    ids, pos, seg = jnp.asarray(tokens(6)), jnp.asarray(POS), jnp.asarray(SEG)
+
+    def saved_bytes(policy):
+        graphdef, state = nnx.split(Transformer(tiny_cfg(remat=policy), rngs=nnx.Rngs(0)))
+        loss = lambda state: nnx.merge(graphdef, state)(ids, pos, seg)[0].sum()  # noqa: E731
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            jax.ad_checkpoint.print_saved_residuals(loss, state)
+        shapes = re.findall(r"^f32\[([\d,]+)\]", printed.getvalue(), re.M)  # one line per residual
+        return 4 * sum(math.prod(int(n) for n in shape.split(",")) for shape in shapes)
+    sizes = [saved_bytes(p) for p in ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
 
 
 def stack_blocks(pure: dict) -> dict:
@@ -146,7 +169,7 @@ def stack_blocks(pure: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", ["none", "full"])
 def test_scan_layers_equals_unrolled_given_same_weights(remat):
     unrolled = Transformer(tiny_cfg(), rngs=nnx.Rngs(0))
     scanned = Transformer(tiny_cfg(scan_layers=True, remat=remat), rngs=nnx.Rngs(1))

@@ -18,6 +18,11 @@ ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "xla")
 DTYPES = ("float32", "bfloat16")
 MOE_DISPATCH = ("dropless", "capacity")
 MOE_BACKENDS = ("auto", "ragged", "dense")
+# What each block keeps for the backward pass (jax.checkpoint_policies): none = everything
+# (no recompute), full = only its input, dots_saveable = matmul outputs, dots_with_no_batch_dims_saveable
+# = weight matmuls' outputs but not attention's batched dots (whose [B, H, T, S] logits dominate
+# at long sequences).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def moe_defaults() -> ml_collections.ConfigDict:
@@ -52,7 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
         attention_impl="auto",  # ATTENTION_IMPLS
         tie_embeddings=True,
         norm_eps=1e-6,
-        remat=False,
+        remat="none",  # REMAT_POLICIES
         scan_layers=False,
         param_dtype="float32",
         compute_dtype="float32",
@@ -69,6 +74,7 @@ def validate(m: ml_collections.ConfigDict, expert_axis: int) -> None:
     check(m.num_heads % kv == 0, f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
     check_choice("model.position", m.position, POSITIONS)
     check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    check_choice("model.remat", m.remat, REMAT_POLICIES)
     for key in ("param_dtype", "compute_dtype"):
         check_choice(f"model.{key}", m[key], DTYPES)
     if m.moe.num_experts:

@@ -26,6 +26,8 @@ def defaults() -> ml_collections.ConfigDict:
         compile_cache_dir="~/.cache/gqlm/jax_cache",  # "" disables
         progress=True,
         peak_flops_per_device=0.0,  # for MFU; 0 = look up the device kind (unknown on CPU)
+        wandb_project="",  # also log metrics to this Weights & Biases project; "" disables (pip install -e .[wandb])
+        profile_steps="",  # "START:STOP": jax.profiler trace of steps START..STOP-1 in <workdir>/tensorboard; "" = off
     ))
 
 
@@ -34,3 +36,15 @@ def validate(t: ml_collections.ConfigDict) -> None:
     check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     check_choice("train.nonfinite", t.nonfinite, NONFINITE)
     check_positive(t, "train", ("log_every", "eval_every", "checkpoint_every"))
+    profile_window(t)
+
+
+def profile_window(t: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """`train.profile_steps` as (start, stop), 0 <= start < stop <= train.steps; None when off."""
+    if not t.profile_steps:
+        return None
+    start, _, stop = t.profile_steps.partition(":")
+    ok = start.strip().isdecimal() and stop.strip().isdecimal() and int(start) < int(stop) <= t.steps
+    check(ok, f"train.profile_steps={t.profile_steps!r} must be 'START:STOP' with 0 <= START < STOP <= "
+              f"train.steps={t.steps}")
+    return int(start), int(stop)

@@ -55,12 +55,16 @@ def next_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(rng, logits_BV, axis=-1)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-aligned int32 prompts_BP (padded with `pad_id`) and their lengths_B."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
+                length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned int32 prompts_BP (padded with `pad_id` to the longest prompt, or to `length`
+    so that callers can keep a few fixed shapes) and their lengths_B."""
     lengths_B = np.asarray([len(p) for p in prompts], np.int32)
     if not len(prompts) or lengths_B.min() < 1:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
-    prompts_BP = np.full((len(prompts), lengths_B.max()), pad_id, np.int32)
+    if length is not None and length < lengths_B.max():
+        raise ValueError(f"prompt length {length} is shorter than the longest prompt ({lengths_B.max()})")
+    prompts_BP = np.full((len(prompts), length or lengths_B.max()), pad_id, np.int32)
     for b, p in enumerate(prompts):
         prompts_BP[b, :len(p)] = p
     return prompts_BP, lengths_B
@@ -140,15 +144,16 @@ def decode(graphdef: nnx.GraphDef, params: Any, cache: KVCache, logits_BV: jax.A
 
 def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
              num_tokens: int, temperature: float = 0.0, top_k: int = 0, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, rules: Sequence = DEFAULT_RULES) -> jax.Array:
+             pad_id: int = 0, rules: Sequence = DEFAULT_RULES, prompt_len: int | None = None) -> jax.Array:
     """int32 tokens_BN continuing each prompt (lists of ids, any lengths >= 1).
 
     A row that emits one of `stop_ids` keeps that token, then `pad_id` to the end. Run it under
-    `jax.set_mesh(mesh)` with params on that mesh to shard the cache.
+    `jax.set_mesh(mesh)` with params on that mesh to shard the cache. `prompt_len` pads the
+    prompts to that length (default: the longest), so batches of other lengths reuse one compile.
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens} must be >= 1")
-    prompts_BP, lengths_B = pad_prompts(prompts, pad_id)
+    prompts_BP, lengths_B = pad_prompts(prompts, pad_id, prompt_len)
     rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)  # hashable
     cache, logits_BV = prefill(graphdef, params, prompts_BP, lengths_B, rules=rules,
                                num_slots=prompts_BP.shape[1] + num_tokens - 1)

@@ -80,6 +80,8 @@ def _block_fn(rules: Sequence | None) -> Callable:
 
 
 _LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
+_REMAT_POLICIES = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,  # model.remat
+                   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _stacked_blocks(cfg: ConfigDict, moe: bool, rngs: nnx.Rngs) -> Block:
@@ -102,7 +104,7 @@ class Transformer(nnx.Module):
         moe_layers = set(moe_layer_indices(cfg))
         self.num_layers = cfg.num_layers
         self.scan_layers = bool(cfg.scan_layers)
-        self.remat = bool(cfg.remat)
+        self.remat = cfg.remat
         if self.scan_layers:  # config.model.validate: all layers alike
             self.blocks = _stacked_blocks(cfg, bool(moe_layers), rngs)
         else:
@@ -119,7 +121,9 @@ class Transformer(nnx.Module):
                  jitter_key: jax.Array | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None) -> tuple[jax.Array, Aux]:
         x_BTD = self.embed(inputs_BT)
-        block_fn = nnx.remat(_block_fn(rules)) if self.remat else _block_fn(rules)
+        block_fn = _block_fn(rules)
+        if self.remat != "none":
+            block_fn = nnx.remat(block_fn, policy=_REMAT_POLICIES[self.remat])
         keys_L = None if jitter_key is None else jax.random.split(jitter_key, self.num_layers)
         if self.scan_layers:
             x_BTD, aux_by_layer = self._run_scanned(block_fn, x_BTD, positions_BT, segment_ids_BT, keys_L)

@@ -5,6 +5,10 @@ step, then read the *previous* step's metrics (so the host never stalls the devi
 checkpoints and preemption are checked between steps. What is trained (the LM or the GQ-VAE
 tokenizer model: batches, state, steps, evaluation) is the task's (tasks/), picked by the caller.
 
+Optional (off by default): metrics also to Weights & Biases (train.wandb_project), a profiler
+trace of a window of steps (train.profile_steps). The host's waits for data and inside checkpoint
+calls are logged with the throughput (data_wait_s, checkpoint_block_s).
+
 Reliability: SIGTERM/SIGINT (or TPU's preemption sync point) -> checkpoint, exit cleanly; a
 non-finite step is never applied (train.nonfinite: 'skip' counts it, 'stop' checkpoints the last
 good state and raises TrainingStopped); checkpoints are atomic and verified (checkpoint.py).
@@ -25,8 +29,9 @@ from gqlm.config import ConfigDict
 from gqlm.data.pipeline import to_global
 from gqlm.train import state as state_lib
 from gqlm.train.checkpoint import Checkpointer
-from gqlm.train.experiment import build_experiment
-from gqlm.train.metrics import MetricWriter, Throughput
+from gqlm.train.experiment import Experiment, build_experiment
+from gqlm.train.metrics import MetricWriter, Throughput, tensorboard_dir
+from gqlm.train.profiling import ProfileWindow
 from gqlm.train.tasks.base import Task
 
 
@@ -68,9 +73,9 @@ class PreemptionWatcher:
 
 def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = None) -> dict[str, float]:
     """Trains (or resumes) `task`'s experiment of `config` in `workdir`; returns the final
-    validation metrics. `stop_at` ends this run early (with a checkpoint) at that step, e.g. for
-    a time-limited allocation."""
-    with contextlib.ExitStack() as cleanup:  # Closed in reverse: writer, mesh, checkpointer, signals.
+    validation metrics, skipped_steps and checkpoint_block_s (the run's total). `stop_at` ends this
+    run early (with a checkpoint) at that step, e.g. for a time-limited allocation."""
+    with contextlib.ExitStack() as cleanup:  # Closed in reverse: profiler, mesh, checkpointer, writer, signals.
         watcher = cleanup.enter_context(PreemptionWatcher())  # From the start: a signal in set-up saves at step 1.
         exp = build_experiment(config, task)
         cfg, train_cfg = exp.config, exp.config.train
@@ -79,16 +84,14 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
         eval_batches = task.eval_batches(exp)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
         throughput = task.throughput(exp)
-        # The Checkpointer is the first write to the workdir: every input has been checked by now.
+        # The writer and the Checkpointer are the first writes to the workdir: every input has been checked by now.
+        writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, cfg)))
         checkpointer = cleanup.enter_context(Checkpointer(workdir, train_cfg))
+        save, wait = throughput.time_checkpoints(checkpointer.save), throughput.time_checkpoints(checkpointer.wait)
         cleanup.enter_context(jax.set_mesh(exp.mesh))
-        state = checkpointer.restore_latest(exp.abstract, data_iter)
-        if state is not None and is_main:
-            print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
-        elif state is None:
-            state = task.init_state(exp)
+        state = restore_or_init(checkpointer, task, exp, data_iter)
         train_step, evaluate = task.train_step(exp), task.evaluator(exp)
-        writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
+        profiler = cleanup.enter_context(ProfileWindow(train_cfg, tensorboard_dir(workdir)))
         start, last = int(jax.device_get(state.step)), min(train_cfg.steps, stop_at or train_cfg.steps)
         progress = tqdm(range(start, last), initial=start, total=train_cfg.steps,
                         disable=not (is_main and train_cfg.progress), dynamic_ncols=True, desc="train")
@@ -97,9 +100,11 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
                                      task.progress_keys)
         pending, eval_metrics, skipped = None, {}, 0
         for step in progress:
-            batch = to_global(throughput.next_batch(data_iter), batch_sharding)
-            with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch)
+            with profiler.step(step):
+                batch = to_global(throughput.next_batch(data_iter), batch_sharding)
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, batch)
+            profiler.step_done(step, state)
             done = step + 1
             if pending is not None:  # Step t-1's metrics, read while step t runs.
                 skipped += log(pending)
@@ -111,19 +116,29 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
                 say(f"step {done}: {task.eval_summary(eval_metrics)}")
             preempted = watcher.should_stop(done)
             if done % train_cfg.checkpoint_every == 0 or done == last or preempted:
-                checkpointer.save(done, state, data_iter, cfg)
+                save(done, state, data_iter, cfg)
             if preempted:
-                checkpointer.wait()
+                wait()
                 say(f"preempted: saved step {done} to {checkpointer.step_dir(done)}")
                 break
         if pending is not None:
             skipped += log(pending)
             stop_if_nonfinite(skipped, pending[0], state, checkpointer, data_iter, cfg)
         progress.close()
-        checkpointer.wait()  # Sealed (manifest written) before the sample, which may take a while.
+        wait()  # Sealed (manifest written) before the sample, which may take a while.
         if is_main and int(jax.device_get(state.step)) == train_cfg.steps:
             task.finish(exp, state)
-    return {**eval_metrics, "skipped_steps": skipped}
+    return {**eval_metrics, "skipped_steps": skipped, "checkpoint_block_s": throughput.checkpoint_block_total}
+
+
+def restore_or_init(checkpointer: Checkpointer, task: Task, exp: Experiment, data_iter: Any) -> Any:
+    """The newest checkpoint's state (rewinding `data_iter` to it), or a fresh one."""
+    state = checkpointer.restore_latest(exp.abstract, data_iter)
+    if state is None:
+        return task.init_state(exp)
+    if jax.process_index() == 0:
+        print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
+    return state
 
 
 def make_train_iterator(task: Task, exp) -> Any:
