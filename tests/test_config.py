@@ -130,3 +130,12 @@ def test_config_json_round_trip():
     rebuilt = config_lib.config_from_dict(json.loads(config.to_json()))
     assert rebuilt.to_dict() == config.to_dict()
     assert rebuilt.mesh.rules == config_lib.DEFAULT_RULES
+
+
+@pytest.mark.parametrize("saved, policy", [(False, "none"), (True, "full")])
+def test_a_config_saved_with_the_old_boolean_remat_restores_as_its_policy(saved, policy):
+    old = json.loads(make().to_json())
+    old["model"]["remat"] = saved
+    rebuilt = config_lib.config_from_dict(old)
+    assert rebuilt.model.remat == policy
+    config_lib.validate(rebuilt, num_devices=8)

@@ -52,19 +52,25 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     init.validate(config.init)
 
 
+# Values an older gqlm saved that now have another spelling: {dotted key: {old: new}}.
+LEGACY_VALUES = {"model.remat": {False: "none", True: "full"}}  # remat was a bool before its policies
+
+
 def config_from_dict(saved: dict) -> ConfigDict:
-    """Rebuilds a config saved as JSON (lists back to tuples, defaults for keys added since)."""
+    """Rebuilds a config saved as JSON (lists back to tuples, defaults for keys added since, old
+    spellings of values updated)."""
     config = base_config()
 
-    def fill(node: ConfigDict, values: dict) -> None:
+    def fill(node: ConfigDict, values: dict, prefix: str) -> None:
         for key, value in values.items():
             if key not in node:
                 continue  # a key this version no longer reads
             if isinstance(node[key], ConfigDict):
-                fill(node[key], value)
+                fill(node[key], value, f"{prefix}{key}.")
             else:
-                node[key] = to_tuples(value)
+                renamed = LEGACY_VALUES.get(prefix + key, {})
+                node[key] = to_tuples(renamed.get(value, value) if isinstance(value, bool) else value)
 
-    fill(config, saved)
+    fill(config, saved, "")
     config.lock()
     return config

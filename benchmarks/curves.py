@@ -1,0 +1,56 @@
+"""Validation-loss curves of short training runs, and when a curve reaches a target: the shared
+core of the optimizer benchmarks (optimizers.py, optimizer_sweep.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+
+from gqlm import mesh as mesh_lib
+from gqlm.config import ConfigDict
+from gqlm.data.pipeline import make_eval_batches, make_train_iterator, to_global
+from gqlm.train import state as state_lib
+from gqlm.train.evaluation import evaluate
+from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step
+from gqlm.train.tasks.lm import LMTask
+
+
+def train_curve(config: ConfigDict, eval_every: int, eval_batches: int) -> dict[str, Any]:
+    """Trains `config` from scratch; validation loss every `eval_every` steps on the first
+    `eval_batches` validation batches, and the mean step time after the first (compiling) step."""
+    exp = build_experiment(config, LMTask())
+    cfg = exp.config
+    step, sharding = jit_train_step(exp), mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
+    eval_step = jit_eval_step(exp)
+    batches = make_train_iterator(cfg, exp.tokenizer)
+    held_out = make_eval_batches(cfg, exp.tokenizer, "validation", eval_batches)
+    curve, train_seconds, start = [], 0.0, time.perf_counter()
+    with jax.set_mesh(exp.mesh):
+        state = state_lib.init_state(cfg.model, exp.tx, cfg.seed, exp.shardings)
+        for i in range(1, cfg.train.steps + 1):
+            batch = to_global(next(batches), sharding)
+            tick = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["loss"])
+            train_seconds += (time.perf_counter() - tick) if i > 1 else 0.0
+            if i % eval_every == 0 or i == cfg.train.steps:
+                loss = evaluate(eval_step, state.params, held_out, exp.mesh, cfg.mesh.rules)["loss"]
+                curve.append((i, float(loss)))
+    return {"curve": curve, "final_loss": curve[-1][1], "seconds": time.perf_counter() - start,
+            "step_time_s": train_seconds / max(cfg.train.steps - 1, 1),
+            "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the curve reaches `target`, linear between evaluations; None if never."""
+    previous = None
+    for step, loss in curve:
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(step)
+            s0, l0 = previous
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        previous = (step, loss)
+    return None

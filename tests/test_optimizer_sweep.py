@@ -1,0 +1,27 @@
+"""The optimizer sweep's protocol: grids extend until the best rate is inside, and seed statistics."""
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import optimizer_sweep  # noqa: E402
+
+
+@pytest.mark.parametrize("losses, expected", [
+    ({1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.8}, 8e-3),   # best at the top edge: go higher
+    ({1e-3: 1.7, 2e-3: 1.9, 4e-3: 2.0}, 5e-4),   # best at the bottom edge: go lower
+    ({1e-3: 2.0, 2e-3: 1.7, 4e-3: 1.9}, None),   # bracketed
+    ({1e-3: 2.0, 2e-3: 1.9, 4e-3: math.nan}, None),  # the top rate diverged: bracketed from above
+    ({1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.8, 8e-3: 1.7}, None),  # at the size limit
+])
+def test_next_rate_extends_the_grid_beyond_the_edge_holding_the_best(losses, expected):
+    got = optimizer_sweep.next_rate(losses, max_rates=4)
+    assert got == pytest.approx(expected) if expected else got is None
+
+
+def test_spread_reports_mean_min_max_of_the_seeds_that_reached():
+    assert optimizer_sweep.spread([10.0, None, 14.0]) == {"mean": 12.0, "min": 10.0, "max": 14.0, "reached": 2, "of": 3}
+    assert optimizer_sweep.spread([None, None])["reached"] == 0
