@@ -26,15 +26,30 @@ from launch import common  # noqa: E402
 from launch.common import LaunchError, fail  # noqa: E402
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_slurm.sbatch")
+# XLA GPU flags from JAX's GPU performance tips (as MaxText sets them): the latency-hiding
+# scheduler overlaps collectives with compute, combined and pipelined collectives for FSDP.
+# Every flag is known to the pinned jaxlib (tests/test_launch.py); not yet measured on a GPU here.
+GPU_XLA_FLAGS = " ".join((
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+))
 EXTRA_LINE = "${EXTRA_SBATCH}\n"
 
 
 def render(template: str, *, job_name: str, nodes: int, gpus_per_node: int, cpus_per_task: int, time_limit: str,
-           output: str, worktree: str, venv: str, command: Sequence[str], extra: Sequence[str] = ()) -> str:
+           output: str, worktree: str, venv: str, command: Sequence[str], extra: Sequence[str] = (),
+           xla_flags: str = GPU_XLA_FLAGS) -> str:
     """The sbatch script: `extra` are additional `--key=value` sbatch options, one #SBATCH line each."""
     values = dict(JOB_NAME=job_name, NODES=nodes, GPUS_PER_NODE=gpus_per_node, CPUS_PER_TASK=cpus_per_task,
                   TIME=time_limit, OUTPUT=output, WORKTREE=shlex.quote(worktree), VENV=shlex.quote(venv),
-                  COMMAND=shlex.join(command))
+                  COMMAND=shlex.join(command), XLA_FLAGS=xla_flags)
     # The options go in after filling, so a `$` in them (--comment=run_${USER}) stays for sbatch.
     head, _, tail = template.partition(EXTRA_LINE)
     lines = "".join(f"#SBATCH {option}\n" for option in extra)
@@ -55,6 +70,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--log_dir", default=os.path.join(common.REPO_ROOT, "runs", "slurm"))
     parser.add_argument("--venv", default=os.path.join(common.REPO_ROOT, ".venv"))
     parser.add_argument("--template", default=TEMPLATE)
+    parser.add_argument("--xla_flags", default=GPU_XLA_FLAGS,
+                        help="XLA_FLAGS the job starts with, as --xla_flags='--a=1 --b=2' (a user's own XLA_FLAGS "
+                             "come after them); --xla_flags= for none")
     parser.add_argument("--dry_run", action="store_true", help="print the rendered script, submit nothing")
     return parser.parse_args(own), command
 
@@ -71,6 +89,9 @@ def build(args: argparse.Namespace, command: list[str]) -> str:
     for option in args.sbatch:
         if not option.startswith("--") or "\n" in option:
             raise LaunchError(f"--sbatch {option!r} must be a long sbatch option such as --qos=high")
+    for flag in args.xla_flags.split():  # they go inside a double-quoted shell string
+        if not re.fullmatch(r"--\w+(=[\w.,:+-]*)?", flag):
+            raise LaunchError(f"--xla_flags: {flag!r} is not an XLA flag like --xla_gpu_x=value")
     if not os.path.isfile(args.template):
         raise LaunchError(f"--template {args.template!r} does not exist")
     devices = args.nodes * args.gpus_per_node
@@ -83,7 +104,8 @@ def build(args: argparse.Namespace, command: list[str]) -> str:
         return render(template, job_name=args.job_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                       cpus_per_task=args.cpus_per_task, time_limit=args.time,
                       output=os.path.join(os.path.abspath(args.log_dir), f"{args.job_name}-%j.out"),
-                      worktree=common.REPO_ROOT, venv=os.path.abspath(args.venv), command=command, extra=extra)
+                      worktree=common.REPO_ROOT, venv=os.path.abspath(args.venv), command=command, extra=extra,
+                      xla_flags=args.xla_flags)
     except (KeyError, ValueError) as e:
         raise LaunchError(f"--template {args.template!r}: bad or unknown placeholder {e}") from None
 

@@ -248,11 +248,24 @@ source {ROOT}/.venv/bin/activate
 # gqlm.distributed.maybe_initialize() reads SLURM_* (jax's Slurm detection): the coordinator is
 # the first node, each task drives the GPU of its SLURM_LOCALID.
 export GQLM_INIT_TIMEOUT=${{GQLM_INIT_TIMEOUT:-600}}
+# The launcher's XLA GPU flags (--xla_flags), then the submitting shell's own: a later flag wins.
+export XLA_FLAGS="{gpu_slurm.GPU_XLA_FLAGS} ${{XLA_FLAGS:-}}"
 # Slurm 22.05-23.02 srun does not inherit --cpus-per-task from sbatch: pass it again.
 srun --kill-on-bad-exit=1 --cpus-per-task=8 python -m gqlm.train --config experiments/tiny_cpu.py --workdir '/shared/run 1'
 """
     assert "\n".join(out) + "\n" == expected
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+
+
+def test_the_slurm_gpu_xla_flags_are_known_to_this_jaxlib():
+    """XLA aborts at start-up on an unknown flag: a renamed or removed one would kill every job."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": gpu_slurm.GPU_XLA_FLAGS}
+    result = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; print(jax.jit(jnp.sin)(1.0))"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Unknown flag" not in result.stderr, result.stderr[-500:]
+    bad = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jax.jit(jnp.sin)(1.0)"],
+                         env={**env, "XLA_FLAGS": "--xla_gpu_no_such_flag=true"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "Unknown flag" in bad.stderr  # the check above can fail
 
 
 def test_slurm_options_keep_their_dollars(tmp_path, capsys):
@@ -265,6 +278,15 @@ def test_slurm_options_keep_their_dollars(tmp_path, capsys):
     code, _, err = run_main(gpu_slurm.main, ["--nodes", "1", "--gpus_per_node", "1", "--sbatch=--qos=a\nrm -rf x",
                                              "--dry_run", "--", "x"], capsys)
     assert code == 2 and len(err) == 1 and "--sbatch" in err[0]
+
+
+def test_slurm_xla_flags_are_overridable_and_checked(tmp_path, capsys):
+    base = ["--nodes", "1", "--gpus_per_node", "1", "--log_dir", str(tmp_path), "--dry_run"]
+    code, out, _ = run_main(gpu_slurm.main, base + ["--xla_flags=--xla_gpu_enable_triton_gemm=false", "--",
+                                                    "python", "-c", "1"], capsys)
+    assert code == 0 and 'export XLA_FLAGS="--xla_gpu_enable_triton_gemm=false ${XLA_FLAGS:-}"' in out
+    code, _, err = run_main(gpu_slurm.main, base + ["--xla_flags=--a=1 $(rm -rf x)", "--", "python"], capsys)
+    assert code == 2 and len(err) == 1 and "--xla_flags" in err[0]
 
 
 def test_slurm_config_that_does_not_fit(capsys):
