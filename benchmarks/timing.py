@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from absl import app
@@ -87,6 +87,18 @@ def time_rounds(timers: Sequence[Any], steps: int, rounds: int) -> list[list[flo
         for i, timer in enumerate(timers):
             times[i].append(timer.run(steps))
     return times
+
+
+def time_alternating(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
+    """What each case's callable returns (e.g. the seconds it measured), over `rounds` rounds, the
+    order reversed every other round (AB, BA, AB, ...): whatever running first or second costs
+    (a cold file cache, allocations, load drift) falls on every case alike."""
+    names = list(cases)
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(cases[name]())
+    return results
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
