@@ -2,6 +2,7 @@
 
     python -m gqlm.train --config experiments/gqvae_shakespeare.py --workdir workdirs/gqvae
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:vqvae --workdir workdirs/vqvae
+    python -m gqlm.train --config experiments/gqvae_shakespeare.py:robust --workdir workdirs/gqvae_robust
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:paper,codebook=16384 --workdir DIR   # on a GPU
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k --workdir workdirs/gqvae_8k --stop_at_step 800
     python -m gqlm.train --config experiments/gqvae_shakespeare.py:v8k,codebook=4096 --workdir workdirs/gqvae_8k_c4k \
@@ -49,6 +50,11 @@ Variants (combinable with commas, e.g. `:v8k,codebook=4096`):
   `gate=1` the same schedule collapsed to 1.19-byte tokens instead.
 - `codebook=N`: another codebook size, e.g. `:v8k,codebook=4096`.
 - `gate=W`: another `gqvae.gate_loss_weight` (the paper's 3), e.g. `:v8k,gate=2`.
+- `:robust`: the bounded gate (`gqvae.gate=bounded`, whose gradient cannot vanish) and a token-rate
+  term holding the mean token length near 3 bytes (`gqvae.gate_target_len=3`); not the paper's
+  objective. Combinable with the schedules (`:v8k,robust`, `:paper,robust`). Why, with the
+  measurements (benchmarks/results/gqvae_robustness.json): docs/gqvae.md, "Collapse".
+- `target=L`: the token-rate term at L bytes (`gqvae.gate_target_len`; 0 = off, the paper's).
 - `:smoke`: the same code path shrunk to seconds, for tests.
 """
 
@@ -92,11 +98,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             q.codebook_size = int(part[len("codebook="):])
         elif part.startswith("gate="):
             q.gate_loss_weight = float(part[len("gate="):])
+        elif part == "robust":
+            q.gate, q.gate_target_len = "bounded", 3.0
+        elif part.startswith("target="):
+            q.gate_target_len = float(part[len("target="):])
         elif part == "smoke":
             q.embed_dim, q.num_heads, q.encoder_layers, q.gater_layers, q.mlp_dim = 16, 2, 1, 1, 32
             q.codebook_size, q.batch_size, q.warmup_steps, q.reseed_every = 64, 32, 5, 5
             t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 10, 10, 2, 10
             t.progress = False
         else:
-            raise ValueError(f"unknown variant {part!r} in {arg!r} (known, combinable with commas: vqvae, v8k, paper, codebook=N, gate=W, smoke)")
+            raise ValueError(f"unknown variant {part!r} in {arg!r} (known, combinable with commas: vqvae, v8k, paper, codebook=N, gate=W, robust, target=L, smoke)")
     return config

@@ -102,6 +102,8 @@ def test_experiment_smoke_variant_trains(tmp_path):
     assert (both.codebook_size, both.batch_size, both.reseed_every) == (4096, 256, 25)
     gate = load_experiment("experiments/gqvae_shakespeare.py:v8k,gate=1.5").gqvae
     assert (gate.gate_loss_weight, gate.codebook_size) == (1.5, 16384)
+    robust = load_experiment("experiments/gqvae_shakespeare.py:v8k,robust").gqvae
+    assert (robust.gate, robust.gate_target_len, robust.reseed_every) == ("bounded", 3.0, 25)
     paper = load_experiment("experiments/gqvae_shakespeare.py:paper,codebook=16384")
     assert (paper.gqvae.warmup_steps, paper.gqvae.reseed_every, paper.gqvae.codebook_size) == (500, 250, 16384)
     assert paper.train.steps == 15_000

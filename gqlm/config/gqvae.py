@@ -8,6 +8,8 @@ import ml_collections
 
 from gqlm.config.errors import ConfigError, check, check_positive
 
+GATES = ("paper", "bounded", "straight_through")  # gqvae.gate (tokenizers/gqvae/gate.py)
+
 
 def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
@@ -21,6 +23,12 @@ def defaults() -> ml_collections.ConfigDict:
         codebook_lr_multiplier=10.0,
         # Loss weights: compression pressure on the gate, commitment (z to e), codebook (e to z).
         gate_loss_weight=3.0, commit_weight=1.0, codebook_weight=0.25,
+        # The gate's parametrisation (docs/gqvae.md): "paper" sigmoid(logit); "bounded" logits
+        # clipped to +-gate_bound with a gradient that never vanishes; "straight_through" hard 0/1.
+        gate="paper", gate_bound=4.0,
+        gate_weight_ramp_steps=0,  # > 0: gate_loss_weight is 0 in warm-up, then grows linearly over these steps
+        # > 0: + gate_target_weight * (mean gate - 1 / gate_target_len)^2 holds the token rate (bytes)
+        gate_target_len=0.0, gate_target_weight=100.0,
         fixed_gate_every=0,  # h > 0: VQ-VAE baseline with a token end every h bytes; 0 = learned
         learning_rate=1e-3,
         batch_size=256,  # pretokens per step
@@ -32,8 +40,10 @@ def validate(q: ml_collections.ConfigDict) -> None:
                                 "codebook_size", "max_token_len", "max_pretoken_len", "batch_size"))
     check(q.embed_dim % q.num_heads == 0, f"gqvae.num_heads={q.num_heads} does not divide gqvae.embed_dim={q.embed_dim}")
     check_positive(q, "gqvae", ("warmup_steps", "reseed_every", "fixed_gate_every", "gate_loss_weight",
-                                "commit_weight", "codebook_weight"), strict=False)
-    check_positive(q, "gqvae", ("codebook_lr_multiplier", "learning_rate"))
+                                "commit_weight", "codebook_weight", "gate_weight_ramp_steps", "gate_target_len",
+                                "gate_target_weight"), strict=False)
+    check_positive(q, "gqvae", ("codebook_lr_multiplier", "learning_rate", "gate_bound"))
+    check(q.gate in GATES, f"gqvae.gate={q.gate!r} is not one of {', '.join(GATES)}")
     check(q.fixed_gate_every <= q.max_token_len,
           f"gqvae.fixed_gate_every={q.fixed_gate_every} exceeds gqvae.max_token_len={q.max_token_len}")
 

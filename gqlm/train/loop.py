@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -97,7 +97,7 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
                         disable=not (is_main and train_cfg.progress), dynamic_ncols=True, desc="train")
         say = progress.write if is_main else (lambda message: None)
         log = lambda pending: report(pending, writer, progress, throughput, train_cfg.log_every,  # noqa: E731
-                                     task.progress_keys)
+                                     task.progress_keys, task.watch, say)
         pending, eval_metrics, skipped = None, {}, 0
         for step in progress:
             with profiler.step(step):
@@ -147,8 +147,11 @@ def make_train_iterator(task: Task, exp) -> Any:
 
 
 def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, throughput: Throughput,
-           log_every: int, keys: tuple[str, ...] = ("loss", "bpb")) -> int:
-    """Logs one step's metrics every `log_every` steps (and every non-finite one); returns 1 if non-finite."""
+           log_every: int, keys: tuple[str, ...] = ("loss", "bpb"),
+           watch: Callable[[int, dict], str | None] = lambda step, values: None,
+           say: Callable[[str], None] = print) -> int:
+    """Logs one step's metrics every `log_every` steps (and every non-finite one), says the warning
+    `watch` returns for them, if any; returns 1 if non-finite."""
     step, metrics = pending
     nonfinite = int(jax.device_get(metrics["nonfinite"]))
     if step % log_every == 0 or nonfinite:
@@ -156,6 +159,9 @@ def report(pending: tuple[int, dict], writer: MetricWriter, progress: tqdm, thro
         values.update(throughput(step))
         writer.write(step, values)
         progress.set_postfix({k: f"{values[k]:.3f}" for k in keys}, refresh=False)
+        warning = watch(step, values)
+        if warning:
+            say(f"step {step}: WARNING: {warning}")
     return nonfinite
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gqlm.config import ConfigDict
+from gqlm.tokenizers.gqvae.gate import gate_probs
 from gqlm.tokenizers.gqvae.quantizer import Quantizer
 
 NUM_BYTES = 256
@@ -204,18 +205,21 @@ def hard_boundaries(g_BT: jnp.ndarray, lengths_B: jnp.ndarray, max_token_len: in
 
 
 def forward(model: GQVAE, bytes_BT: jnp.ndarray, lengths_B: jnp.ndarray, quantize: Any,
-            fixed_gate_every: int = 0) -> dict[str, jnp.ndarray]:
-    """Full pass. `quantize` (traced bool) False = warm-up: the gater and decoder see z itself."""
+            fixed_gate_every: int = 0, gate: str = "paper", gate_bound: float = 4.0) -> dict[str, jnp.ndarray]:
+    """Full pass. `quantize` (traced bool) False = warm-up: the gater and decoder see z itself.
+    `gate`, `gate_bound`: the gate's parametrisation (gate.py)."""
     valid_BT = valid_mask(lengths_B, bytes_BT.shape[1])
     z_BTD = model.encoder(bytes_BT, valid_BT)
     codes_BT, e_BTD = model.quantizer(z_BTD)
     q_BTD = jnp.where(quantize, z_BTD + jax.lax.stop_gradient(e_BTD - z_BTD), z_BTD)
     if fixed_gate_every:
+        logits_BT = jnp.zeros(bytes_BT.shape, jnp.float32)
         g_BT = fixed_gates(lengths_B, bytes_BT.shape[1], fixed_gate_every)
     else:
-        g_BT = finalize_gates(jax.nn.sigmoid(model.gater(q_BTD, valid_BT)), lengths_B)
+        logits_BT = model.gater(q_BTD, valid_BT)
+        g_BT = finalize_gates(gate_probs(logits_BT, gate, gate_bound), lengths_B)
     byte_logits_BTMV, len_logits_BTM = model.decoder(q_BTD)
-    return dict(z=z_BTD, e=e_BTD, codes=codes_BT, gates=g_BT, valid=valid_BT,
+    return dict(z=z_BTD, e=e_BTD, codes=codes_BT, gates=g_BT, gate_logits=logits_BT, valid=valid_BT,
                 byte_logits=byte_logits_BTMV, len_logits=len_logits_BTM)
 
 

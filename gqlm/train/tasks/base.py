@@ -56,6 +56,10 @@ class Task:
         """`(params, eval batches) -> validation metrics`."""
         raise NotImplementedError
 
+    def watch(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Sees each logged step's train metrics; a returned line is shown as a warning."""
+        return None
+
     def eval_summary(self, metrics: dict[str, float]) -> str:
         return f"validation loss {metrics['loss']:.4f}"
 

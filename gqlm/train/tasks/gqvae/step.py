@@ -96,22 +96,34 @@ def reseed_dead_codes(state: GQVAEState, key: jax.Array) -> GQVAEState:
     return state._replace(params=params, code_counts=jnp.zeros_like(state.code_counts))
 
 
+def gate_weight_at(cfg: ConfigDict, step: jax.Array) -> Any:
+    """The compression weight at `step`: `gate_loss_weight`, or with `gate_weight_ramp_steps` > 0,
+    0 through warm-up (no quantization, so no bottleneck: whole pieces cost reconstruction nothing),
+    then rising linearly to it over that many steps. A Python float without a ramp, so the
+    paper's graph is unchanged."""
+    if not cfg.gate_weight_ramp_steps:
+        return cfg.gate_loss_weight
+    ramp = (step - cfg.warmup_steps + 1) / cfg.gate_weight_ramp_steps
+    return cfg.gate_loss_weight * jnp.clip(ramp, 0.0, 1.0)
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: ConfigDict, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, total_steps: int) -> Callable[[GQVAEState, Batch], Any]:
     """Pure `(state, batch) -> (state, metrics)`: quantization from step `warmup_steps`, a
     non-finite update skipped, dead codes re-seeded after every `reseed_every`-th update."""
     rows = recent_rows_per_step(cfg)
 
-    def loss_fn(params, batch, quantize):
-        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], quantize, cfg.fixed_gate_every)
-        loss, metrics = loss_terms(out, batch, quantize, cfg)
+    def loss_fn(params, batch, quantize, gate_weight):
+        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], quantize,
+                      cfg.fixed_gate_every, cfg.gate, cfg.gate_bound)
+        loss, metrics = loss_terms(out, batch, quantize, cfg, gate_weight)
         return loss, (metrics, out["z"], out["valid"])
 
     def train_step(state: GQVAEState, batch: Batch) -> tuple[GQVAEState, dict[str, jax.Array]]:
         batch = with_lengths(batch)
         buffer_key, reseed_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
         (loss, (metrics, z_BTD, valid_BT)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step >= cfg.warmup_steps)
+            state.params, batch, state.step >= cfg.warmup_steps, gate_weight_at(cfg, state.step))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -128,7 +140,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: ConfigDict, tx: optax.GradientT
         codes_in_use = jnp.sum(new.code_counts > 0)  # since the last re-seeding, before this one
         new = jax.lax.cond(due, reseed_dead_codes, lambda s, k: s, new, reseed_key)
         return new, {**metrics, "codes_in_use": codes_in_use, "reseeded": due.astype(jnp.int32),
-                     "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                     "gate_weight": jnp.asarray(gate_weight_at(cfg, state.step)), "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                      "nonfinite": 1 - finite.astype(jnp.int32)}
 
     return train_step
@@ -138,7 +150,8 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: ConfigDict) -> Callable[[Any, Ba
     """`(params, batch) -> metrics` with quantization on (as the tokenizer runs the model)."""
     def eval_step(params, batch):
         batch = with_lengths(batch)
-        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], True, cfg.fixed_gate_every)
+        out = forward(nnx.merge(graphdef, params), batch["bytes"], batch["lengths"], True, cfg.fixed_gate_every,
+                      cfg.gate, cfg.gate_bound)
         metrics = loss_terms(out, batch, True, cfg)[1]
         metrics["positions"] = jnp.sum(out["valid"].astype(jnp.float32))
         return metrics

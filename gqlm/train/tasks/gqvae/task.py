@@ -31,6 +31,7 @@ from gqlm.train.experiment import Experiment
 from gqlm.train.metrics import Throughput
 from gqlm.train.tasks.base import Task
 from gqlm.train.tasks.gqvae import step as gq
+from gqlm.train.tasks.gqvae.collapse import CollapseMonitor
 
 MAX_PIECES = 4_000_000  # pieces kept per split (the Shakespeare train split has ~2.3M)
 
@@ -60,6 +61,10 @@ class GQVAETask(Task):
     def __init__(self, texts: dict[str, Sequence[str]] | None = None):
         self.texts = texts
         self._pieces: dict[str, np.ndarray] = {}
+        self.monitor = CollapseMonitor()
+
+    def watch(self, step: int, metrics: dict[str, float]) -> str | None:
+        return self.monitor.update(step, metrics)
 
     def pieces(self, exp: Experiment, split: str) -> np.ndarray:
         """[N, T] bytes of the split's pieces, in text order (int16: half the memory of int32)."""
@@ -157,8 +162,8 @@ class GQVAETask(Task):
 
     def eval_summary(self, m: dict[str, float]) -> str:
         return (f"validation loss {m['loss']:.4f}, byte accuracy {m['byte_accuracy']:.3f}, mean token "
-                f"{m['mean_token_len']:.2f} bytes, {int(m['codes_in_use'])} codes in use "
-                f"(perplexity {m['codebook_perplexity']:.0f})")
+                f"{m['mean_token_len']:.2f} bytes ({m['pretoken_cut_share']:.2f} of 3-10-byte pieces cut "
+                f"inside), {int(m['codes_in_use'])} codes in use (perplexity {m['codebook_perplexity']:.0f})")
 
 
 def codebook_stats(counts_C: np.ndarray) -> dict[str, float]:
