@@ -21,6 +21,7 @@ from gqlm.config import ConfigError, base_config
 from gqlm.data import pipeline
 from gqlm.distributed import Plan, detect
 from gqlm.tokenizers.byte import ByteTokenizer
+from tests.helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -163,20 +164,10 @@ def test_entry_point_reports_unreachable_coordinator(tmp_path):
 
 # ----------------------------------------------------------------------------- training across processes
 
-SMOKE = ["--config", "experiments/tiny_cpu.py:smoke", "--config.train.steps=6", "--config.train.log_every=1",
-         "--config.train.sample_tokens=0"]
-
-
 def train(workdir, num_processes, stop_at=None):
     """Runs `python -m gqlm.train` on 8 devices in all: 1 process x 8 or N processes x 8/N (launch/local.py)."""
-    command = [sys.executable, "-m", "gqlm.train", *SMOKE, "--workdir", str(workdir)]
-    if stop_at:
-        command.append(f"--stop_at_step={stop_at}")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    if num_processes > 1:
-        command = [sys.executable, "launch/local.py", f"--num_processes={num_processes}",
-                   f"--devices_per_process={8 // num_processes}", "--timeout=120", "--", *command]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    extra = [f"--stop_at_step={stop_at}"] if stop_at else []
+    result = run_cli(workdir, *extra, num_processes=num_processes, timeout=900, **{"train.steps": 6})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -7,8 +7,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -22,44 +20,8 @@ from gqlm.train import loop
 from gqlm.train.experiment import build_experiment
 from gqlm.train.loop import TrainingStopped, train
 from gqlm.train.tasks.lm import LMTask
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SMOKE = "experiments/tiny_cpu.py:smoke"
-QUIET = {"train.sample_tokens": 0, "train.eval_every": 1000, "train.log_every": 1}
-
-
-def smoke_config(**overrides):
-    config = config_lib.load_experiment(os.path.join(ROOT, SMOKE))
-    return config_lib.apply_overrides(config, {**QUIET, **overrides})
-
-
-def cli_args(workdir, **overrides):
-    return ["-m", "gqlm.train", "--config", SMOKE, "--workdir", str(workdir),
-            *[f"--config.{k}={v}" for k, v in {**QUIET, **overrides}.items()]]
-
-
-def start_cli(workdir, **overrides):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, *cli_args(workdir, **overrides)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_cli(workdir, *extra, **overrides):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *cli_args(workdir, **overrides), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def metric_rows(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]  # a row being written is skipped
-
-
-def train_rows(workdir):
-    return [r for r in metric_rows(workdir) if r["split"] == "train"]
+from tests.helpers import (assert_trees_equal, load, run_cli, saved_steps, smoke_config, start_cli, train_rows,
+                           trees_differ)
 
 
 def wait_for_step(proc, workdir, step, timeout=240):
@@ -71,25 +33,6 @@ def wait_for_step(proc, workdir, step, timeout=240):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def saved_steps(workdir):
-    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-
-
-def load(workdir, step, config):
-    exp = build_experiment(config, LMTask())
-    with jax.set_mesh(exp.mesh):
-        return jax.device_get(ckpt_lib.load_state(str(workdir), exp.abstract, step)[1])
-
-
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def trees_differ(a, b):
-    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 # ----------------------------------------------------------------------------- verified checkpoints

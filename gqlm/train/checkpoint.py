@@ -1,7 +1,8 @@
 """Checkpoints: orbax CheckpointManager holding train state, grain iterator state and the config.
 
 Atomic: orbax writes each step into a temporary directory and renames it when complete, so a
-killed process never leaves a half-written checkpoint that looks like the latest one.
+killed process never leaves a half-written checkpoint that looks like the latest one; the next
+run deletes such temporary directories (before its first save).
 Verified: orbax does not checksum array data, so once a save is finalized (at the next save or
 at `wait()`) process 0 writes `gqlm_manifest.json` into the step directory: every file's size and
 CRC-32. A restore checks it first; a checkpoint whose files differ is reported and skipped, the
@@ -133,6 +134,7 @@ class Checkpointer:
             keep_period=train_cfg.keep_every or None,
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # Saves a killed run left unfinished; else kept until re-saved.
         )
         self.directory = checkpoint_directory(workdir)
         self.corrupt_directory = self.directory + "_corrupt"
