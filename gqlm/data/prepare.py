@@ -35,7 +35,10 @@ META, SPEC, DONE = "meta.json", "prepare.json", "_done"
 SPLITS = ("train", "validation")
 RUNNERS = ("local", "beam")
 SHARD_BYTES = 256 << 20  # a new shard part past this many bytes
-ENCODE_BATCH = 64  # documents per encode_batch call: bounded memory, amortised tokenizer calls
+# An encode_batch call takes up to 64 documents or 1 MiB of text, whichever comes first: the
+# tokenizer call is amortised, and a worker's peak memory does not grow with the corpus (a count
+# alone let a run of long documents make one call, and the peak, as large as chance allowed).
+ENCODE_BATCH, ENCODE_CHARS = 64, 1 << 20
 
 
 class Spec(NamedTuple):
@@ -73,17 +76,20 @@ def write_shards(tok: Tokenizer, documents: Iterable[tuple[str, str]], out: str,
     their counts. On any error the part being written is removed."""
     writers = {s: ShardWriter(str(epath.Path(out) / s), index, shard_bytes) for s in SPLITS}
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
 
     def flush(split: str) -> None:
         texts = pending[split]
         for text, ids in zip(texts, tok.encode_batch(texts)):
             writers[split].add(np.asarray(ids, np.uint32), len(text_to_bytes(text)))
         texts.clear()
+        chars[split] = 0
 
     try:
         for text, split in documents:
             pending[split].append(text)
-            if len(pending[split]) >= ENCODE_BATCH:
+            chars[split] += len(text)
+            if len(pending[split]) >= ENCODE_BATCH or chars[split] >= ENCODE_CHARS:
                 flush(split)
         for split in SPLITS:
             flush(split)
