@@ -33,6 +33,7 @@ from gqlm.train.experiment import Experiment, build_experiment
 from gqlm.train.metrics import MetricWriter, Throughput, tensorboard_dir
 from gqlm.train.profiling import ProfileWindow
 from gqlm.train.tasks.base import Task
+from gqlm.train.wandb_sink import import_wandb
 
 
 class TrainingStopped(RuntimeError):
@@ -75,7 +76,7 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
     """Trains (or resumes) `task`'s experiment of `config` in `workdir`; returns the final
     validation metrics, skipped_steps and checkpoint_block_s (the run's total). `stop_at` ends this
     run early (with a checkpoint) at that step, e.g. for a time-limited allocation."""
-    with contextlib.ExitStack() as cleanup:  # Closed in reverse: profiler, mesh, checkpointer, writer, signals.
+    with contextlib.ExitStack() as cleanup:  # Closed in reverse: profiler, writer, mesh, checkpointer, signals.
         watcher = cleanup.enter_context(PreemptionWatcher())  # From the start: a signal in set-up saves at step 1.
         exp = build_experiment(config, task)
         cfg, train_cfg = exp.config, exp.config.train
@@ -84,12 +85,14 @@ def train(config: ConfigDict, workdir: str, task: Task, stop_at: int | None = No
         eval_batches = task.eval_batches(exp)
         batch_sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
         throughput = task.throughput(exp)
-        # The writer and the Checkpointer are the first writes to the workdir: every input has been checked by now.
-        writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, cfg)))
+        if train_cfg.wandb_project and is_main:
+            import_wandb(train_cfg.wandb_project)  # a missing extra fails before anything is written
+        # The Checkpointer is the first write to the workdir: every input has been checked by now.
         checkpointer = cleanup.enter_context(Checkpointer(workdir, train_cfg))
         save, wait = throughput.time_checkpoints(checkpointer.save), throughput.time_checkpoints(checkpointer.wait)
         cleanup.enter_context(jax.set_mesh(exp.mesh))
-        state = restore_or_init(checkpointer, task, exp, data_iter)
+        state = restore_or_init(checkpointer, task, exp, data_iter)  # an incompatible checkpoint: no log written
+        writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, cfg)))
         train_step, evaluate = task.train_step(exp), task.evaluator(exp)
         profiler = cleanup.enter_context(ProfileWindow(train_cfg, tensorboard_dir(workdir)))
         start, last = int(jax.device_get(state.step)), min(train_cfg.steps, stop_at or train_cfg.steps)
