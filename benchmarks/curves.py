@@ -1,10 +1,12 @@
-"""Validation-loss curves of short training runs, and when a curve reaches a target: the shared
-core of the optimizer benchmarks (optimizers.py, optimizer_sweep.py)."""
+"""Validation-loss curves of short training runs, when a curve reaches a target, and the sweep's
+learning-rate bracketing: the shared core of the optimizer benchmarks (optimizers.py,
+optimizer_sweep.py). No flags here, so tests import it."""
 
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -54,3 +56,29 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
             return s0 + (step - s0) * (l0 - target) / (l0 - loss)
         previous = (step, loss)
     return None
+
+
+FACTOR = 2.0  # between neighbouring learning rates of a sweep's grid
+
+
+def best_rate(losses: dict[float, float]) -> float:
+    """The rate with the lowest final loss; a non-finite loss (a diverged run) counts as worst."""
+    return min(losses, key=lambda r: losses[r] if losses[r] == losses[r] else float("inf"))
+
+
+def next_rate(losses: dict[float, float], max_rates: int) -> float | None:
+    """The rate to try next: one step beyond the edge where the best final loss sits, or None
+    once the best is inside the grid or the grid holds `max_rates` rates."""
+    rates, best = sorted(losses), best_rate(losses)
+    if len(rates) >= max_rates or rates[0] < best < rates[-1]:
+        return None
+    return rates[0] / FACTOR if best == rates[0] else rates[-1] * FACTOR
+
+
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and min-max of the values reached (None: never reached), and how many reached."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return {"mean": None, "min": None, "max": None, "reached": 0, "of": len(values)}
+    return {"mean": statistics.fmean(reached), "min": min(reached), "max": max(reached),
+            "reached": len(reached), "of": len(values)}

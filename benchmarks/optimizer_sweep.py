@@ -11,7 +11,7 @@ group's rate is tuned (its `lr_multiplier`). Same warm-up and cosine decay, the 
 per batch size (`--train_steps` x tokens per step).
 
 Per batch size:
-1. Tune on the first seed: start from the optimizer's grid (GRIDS, a factor 2 apart); while the
+1. Tune on the first seed: start from the optimizer's grid (GRIDS, a factor FACTOR = 2 apart); while the
    best final validation loss sits at an edge of the grid, add the next rate beyond that edge (at
    most --max_extend times). A best rate still at an edge is reported as not bracketed.
 2. Run the best rate on the other seeds (init and data order follow `config.seed`).
@@ -33,7 +33,7 @@ from typing import Any, Sequence  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from curves import steps_to_reach, train_curve  # noqa: E402
+from curves import FACTOR, best_rate, next_rate, spread, steps_to_reach, train_curve  # noqa: E402
 from gqlm import config as config_lib  # noqa: E402
 from timing import write_results  # noqa: E402
 
@@ -44,7 +44,6 @@ GRIDS = {  # starting grids of the hidden group's rate; extended until the best 
     "adafactor": (3e-3, 6e-3, 1.2e-2), "lion": (1.5e-4, 3e-4, 6e-4), "signum": (1.5e-4, 3e-4, 6e-4),
     "sgd": (0.1, 0.2, 0.4),
 }
-FACTOR = 2.0
 
 flags.DEFINE_list("optimizers", list(GRIDS), "Optimizers of the hidden matrices (AdamW is always run).")
 flags.DEFINE_list("tokens_per_step", ["8192", "32768"], "Batch sizes in tokens (rows of data.seq_len).")
@@ -74,20 +73,6 @@ def run_config(optimizer: str, lr: float, tokens: int, seed: int) -> config_lib.
     return config
 
 
-def best_rate(losses: dict[float, float]) -> float:
-    """The rate with the lowest final loss; a non-finite loss (a diverged run) counts as worst."""
-    return min(losses, key=lambda r: losses[r] if losses[r] == losses[r] else float("inf"))
-
-
-def next_rate(losses: dict[float, float], max_rates: int) -> float | None:
-    """The rate to try next: one step beyond the edge where the best final loss sits, or None
-    once the best is inside the grid or the grid holds `max_rates` rates."""
-    rates, best = sorted(losses), best_rate(losses)
-    if len(rates) >= max_rates or rates[0] < best < rates[-1]:
-        return None
-    return rates[0] / FACTOR if best == rates[0] else rates[-1] * FACTOR
-
-
 def tune(optimizer: str, tokens: int, seed: int) -> tuple[dict[float, dict], float, bool]:
     """({rate: run}, best rate, whether the best is inside the grid) on one seed."""
     runs = {rate: measured(optimizer, rate, tokens, seed) for rate in GRIDS[optimizer]}
@@ -103,15 +88,6 @@ def measured(optimizer: str, lr: float, tokens: int, seed: int) -> dict[str, Any
     print(f"{tokens} tokens/step, {optimizer} lr={lr:g} seed={seed}: final validation loss "
           f"{run['final_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
     return {"optimizer": optimizer, "lr": lr, "seed": seed, **run}
-
-
-def spread(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and min-max of the values reached (None: never reached), and how many reached."""
-    reached = [v for v in values if v is not None]
-    if not reached:
-        return {"mean": None, "min": None, "max": None, "reached": 0, "of": len(values)}
-    return {"mean": statistics.fmean(reached), "min": min(reached), "max": max(reached),
-            "reached": len(reached), "of": len(values)}
 
 
 def sweep_batch_size(tokens: int, seeds: list[int]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-import optimizer_sweep  # noqa: E402
+import curves  # noqa: E402  (the sweep's flag-free core: importing optimizer_sweep would define absl flags)
 
 
 @pytest.mark.parametrize("losses, expected", [
@@ -18,10 +18,10 @@ import optimizer_sweep  # noqa: E402
     ({1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.8, 8e-3: 1.7}, None),  # at the size limit
 ])
 def test_next_rate_extends_the_grid_beyond_the_edge_holding_the_best(losses, expected):
-    got = optimizer_sweep.next_rate(losses, max_rates=4)
+    got = curves.next_rate(losses, max_rates=4)
     assert got == pytest.approx(expected) if expected else got is None
 
 
 def test_spread_reports_mean_min_max_of_the_seeds_that_reached():
-    assert optimizer_sweep.spread([10.0, None, 14.0]) == {"mean": 12.0, "min": 10.0, "max": 14.0, "reached": 2, "of": 3}
-    assert optimizer_sweep.spread([None, None])["reached"] == 0
+    assert curves.spread([10.0, None, 14.0]) == {"mean": 12.0, "min": 10.0, "max": 14.0, "reached": 2, "of": 3}
+    assert curves.spread([None, None])["reached"] == 0
