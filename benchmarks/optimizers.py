@@ -51,6 +51,7 @@ from gqlm.train.evaluation import evaluate  # noqa: E402
 from gqlm.train import state as state_lib  # noqa: E402
 from gqlm.train.experiment import build_experiment, jit_eval_step, jit_train_step  # noqa: E402
 from gqlm.train.tasks.lm import LMTask  # noqa: E402
+from curves import steps_to_reach  # noqa: E402
 from timing import TrainStepTimer, mesh_overrides, parse_mesh, time_rounds, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -159,19 +160,6 @@ def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
     print(f"{optimizer} lr={lr:g}: final validation loss {curve[-1][1]:.4f} ({seconds:.0f} s)", flush=True)
     return {"optimizer": optimizer, "lr": lr, "curve": curve, "final_loss": curve[-1][1], "seconds": seconds,
             "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First step at which the curve reaches `target`, linear between evaluations; None if never."""
-    previous = None
-    for step, loss in curve:
-        if loss <= target:
-            if previous is None or previous[1] == loss:
-                return float(step)
-            s0, l0 = previous
-            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
-        previous = (step, loss)
-    return None
 
 
 def run_steps_to_target() -> dict[str, Any]:
