@@ -8,7 +8,8 @@ factor per dimension for them (merge_dims off). Both arms share b1=0.9, b2=0.95,
 0.1, gradient clipping 1.0, warm-up then cosine decay; the SOAP arm refreshes its eigenbases
 every 10 steps.
 
-The argument is `OPT[,lr=LR][,smoke]` with OPT in adamw | soap:
+The argument is `OPT[,lr=LR][,block=N][,smoke]` with OPT in adamw | soap; `block=N` sets
+`optimizer.max_precond_block` (SOAP's block-diagonal preconditioner, blocks of N; default off):
 
     export XLA_FLAGS=--xla_force_host_platform_device_count=8 OPENBLAS_NUM_THREADS=1
     python -m gqlm.train --config experiments/soap_vs_adamw.py:adamw,lr=6e-3 --workdir /tmp/gqlm_adamw
@@ -39,32 +40,38 @@ SWEEP = {"adamw": (3e-3, 6e-3, 1.2e-2), "soap": (3e-3, 6e-3, 1.2e-2)}
 HIDDEN_PATTERN = r"^blocks/\d+/(attn|mlp)/"  # matches attn/q, attn/o, mlp/wo, ... not attn_norm/scale
 
 
-def parse_arg(arg: str) -> tuple[str, float | None, bool]:
-    """`OPT[,lr=LR][,smoke]` -> (optimizer, learning rate or None, smoke); ValueError naming the part."""
+def parse_arg(arg: str) -> tuple[str, float | None, int, bool]:
+    """`OPT[,lr=LR][,block=N][,smoke]` -> (optimizer, learning rate or None, block (0: none), smoke);
+    ValueError naming the part."""
     name, *options = [part.strip() for part in (arg or "adamw").split(",")]
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} must be one of {', '.join(OPTIMIZERS)} (arg {arg!r})")
-    lr, smoke = None, False
+    lr, block, smoke = None, 0, False
     for option in options:
         key, eq, value = option.partition("=")
         if option == "smoke":
             smoke = True
-        elif key == "lr" and eq:
+        elif key in ("lr", "block") and eq:
             try:
-                lr = float(value)
+                number = float(value) if key == "lr" else int(value)
             except ValueError:
-                raise ValueError(f"lr={value!r} is not a number (arg {arg!r})") from None
+                raise ValueError(f"{key}={value!r} is not a number (arg {arg!r})") from None
+            if key == "lr":
+                lr = number
+            else:
+                block = number
         else:
-            raise ValueError(f"unknown option {option!r} (arg {arg!r}; expected lr=LR or smoke)")
-    return name, lr, smoke
+            raise ValueError(f"unknown option {option!r} (arg {arg!r}; expected lr=LR, block=N or smoke)")
+    return name, lr, block, smoke
 
 
 def get_config(arg: str = "adamw"):
-    name, lr, smoke = parse_arg(arg)
+    name, lr, block, smoke = parse_arg(arg)
     config = tiny_cpu_experiment("smoke" if smoke else "")  # The demo's model, data and mesh.
     o = config.optimizer
     o.name = "adamw"  # embeddings / head and norms, in both arms
     o.learning_rate = 3e-3 if lr is None else lr
+    o.max_precond_block = block  # read by the SOAP arm's group only
     o.precondition_frequency = 10
     o.groups = ({"name": "hidden", "pattern": HIDDEN_PATTERN, "optimizer": name, "lr_multiplier": 1.0},)
     if not smoke:  # The token budget: 120 x 32 x 128 bytes.

@@ -27,6 +27,7 @@ def defaults() -> ml_collections.ConfigDict:
         grad_clip=1.0,  # global-norm clip; 0 disables
         precondition_frequency=10,
         max_precond_dim=10_000,
+        max_precond_block=0,  # soap: > 0 cuts longer dims into blocks of this size, each block its own SOAP (0: off)
         shampoo_beta=-1.0,
         merge_dims=False,
         precondition_1d=False,
@@ -49,6 +50,8 @@ def validate(o: ml_collections.ConfigDict) -> None:
     check(o.shampoo_beta < 1, f"optimizer.shampoo_beta={o.shampoo_beta} must be < 1 (negative = b2)")
     check(o.precondition_frequency >= 1, f"optimizer.precondition_frequency={o.precondition_frequency} must be >= 1")
     check(o.max_precond_dim >= 1, f"optimizer.max_precond_dim={o.max_precond_dim} must be >= 1")
+    check(o.max_precond_block >= 0,
+          f"optimizer.max_precond_block={o.max_precond_block} must be >= 0 (0 = no blocks)")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
     compile_regex("optimizer.adalayer_head_pattern", o.adalayer_head_pattern)

@@ -23,25 +23,32 @@ rotation at refreshes) made the SOAP update ~1.5 CPU-s per step slower, not fast
 The per-step math (statistics, projections, Adam in the eigenbasis) is `soap_split.rotated_step`,
 split over the mesh with explicit collectives. The decompositions of all parameters run in one
 `lax.switch` (keep / first eigh / QR refresh); the refresh branches stack same-sized statistics
-and split the stacks across the devices (see `update_bases`).
+and split the stacks across the devices (`soap_bases.update_bases`).
 
 Tensors of any rank get one statistic per dimension (mode-k unfoldings); dimensions larger
 than `max_precond_dim` use the identity; 1-D (and 0-D) parameters are plain Adam unless
 `precondition_1d`; `merge_dims` first merges adjacent dimensions (as the reference does, for
 every parameter of rank >= 2) while their product stays <= `max_precond_dim`.
 All linear algebra (statistics, bases, projections, moments) runs in `linalg_dtype`.
+`max_precond_block` > 0 (off by default) makes the preconditioner block-diagonal: each block
+of the parameter's grid is preconditioned as if it were a parameter of its own (`soap_blocks`;
+the per-block steps are batched with vmap, region by region).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gqlm.optim.soap_split import basis_spec, rotated_step
+from gqlm.optim.soap_bases import permute, update_bases
+from gqlm.optim.soap_blocks import (BlockedPreconditioner, block_regions, from_blocks, region_count,
+                                    region_shape, to_blocks)
+from gqlm.optim.soap_split import block_axes, rotated_step
 
 Dims = tuple[tuple[int, ...], ...]
 
@@ -122,130 +129,37 @@ def _to_layout(x: jax.Array, dims: Dims) -> jax.Array:
     return x.reshape(_group_sizes(x.shape, dims)) if dims else x
 
 
-# ----------------------------------------------------------------------------- decompositions
-
-
-def permute(x: jax.Array, orders: tuple) -> jax.Array:
-    """x (layout-shaped) reordered along each dimension k by orders[k] (None: unchanged)."""
-    for k, order in enumerate(orders):
-        if order is not None:
-            x = jnp.take(x, order, axis=k)
-    return x
-
-
-def _eigenbasis(s: jax.Array) -> jax.Array:
-    return jnp.linalg.eigh(s)[1][:, ::-1]
-
-
-def _qr_refresh(s: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(new basis, order) of one statistic s and its basis q [d, d]."""
-    estimated = jnp.sum(q * (s @ q), axis=0)  # diag(Q^T L Q)
-    order = jnp.argsort(estimated, descending=True)
-    return jnp.linalg.qr(s @ q[:, order])[0], order
-
-
-# ----------------------------------------------------------------------------- distributed refresh
-# eigh and QR cannot be partitioned inside one matrix, so under a mesh every device would repeat
-# every decomposition. Instead the same-sized statistics of all parameters are stacked and the
-# stack is split over all devices (padded with identities to a multiple of the device count): each
-# device decomposes its share, as distributed Shampoo does, looping over it with unbatched LAPACK
-# calls (batched eigh/QR block XLA:CPU's shared thread pool and deadlocked 8 fake devices). The
-# stacking (an all-to-all of every statistic and basis) happens inside the refresh branches only,
-# so the 9 steps in 10 that keep their bases move nothing.
-
-
-def _spread(x_N: jax.Array) -> jax.Array:
-    """x_N [N, d, d] padded to a multiple of the device count and split over every mesh axis."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return x_N
-    pad = -x_N.shape[0] % mesh.size
-    if pad:
-        eye = jnp.broadcast_to(jnp.eye(x_N.shape[-1], dtype=x_N.dtype), (pad, *x_N.shape[1:]))
-        x_N = jnp.concatenate([x_N, eye])
-    spec = jax.sharding.PartitionSpec(mesh.axis_names, None, None)
-    return jax.lax.with_sharding_constraint(x_N, jax.sharding.NamedSharding(mesh, spec))
-
-
-def _as_basis(q: jax.Array) -> jax.Array:
-    """q [d, d] laid out like the stored bases (columns split), whichever branch produced it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return q
-    return jax.lax.with_sharding_constraint(q, jax.sharding.NamedSharding(mesh, basis_spec(q.shape[0], mesh)))
-
-
-def _per_matrix(fn, *stacks_N: jax.Array):
-    """fn(*matrices) for each index of the stacks [N, d, d], each device doing its own share."""
-    def local(*xs):
-        outs = [fn(*(x[i] for x in xs)) for i in range(xs[0].shape[0])]
-        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(*stacks_N)
-    spec = jax.sharding.PartitionSpec(mesh.axis_names)
-    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(*stacks_N)
-
-
-def update_bases(branch: jax.Array, stats: list[tuple], bases: list[tuple]
-                 ) -> tuple[list[tuple], list[tuple]]:
-    """Every parameter's (new bases, new orders) for branch 0 keep / 1 first eigh / 2 QR refresh.
-
-    stats, bases: one tuple per parameter, a [d, d] array (or None) per dimension. Orders are the
-    permutations applied to the eigenvalue order (the identity unless refreshing).
-    """
-    slots = [(p, k) for p, dims in enumerate(stats) for k, st in enumerate(dims) if st is not None]
-    sizes = sorted({stats[p][k].shape[0] for p, k in slots})
-    groups = [[(p, k) for p, k in slots if stats[p][k].shape[0] == d] for d in sizes]
-
-    def identity_orders():
-        return [tuple(None if q is None else jnp.arange(q.shape[0]) for q in dims) for dims in bases]
-
-    def keep(stats, bases):
-        return [tuple(dims) for dims in bases], identity_orders()
-
-    def decompose(per_group):
-        """A branch: stack each size group, split it over the devices, run `per_group` on each
-        (stats [N, d, d], bases [N, d, d]) -> (bases, orders), and put the results back."""
-        def branch_fn(stats, bases):
-            new_bases = [list(dims) for dims in bases]
-            orders = [list(o) for o in identity_orders()]
-            for g in groups:
-                s_N = _spread(jnp.stack([stats[p][k] for p, k in g]))
-                q_N = _spread(jnp.stack([bases[p][k] for p, k in g]))
-                q_N, order_N = per_group(s_N, q_N)
-                for n, (p, k) in enumerate(g):
-                    new_bases[p][k], orders[p][k] = _as_basis(q_N[n]), order_N[n]
-            return [tuple(b) for b in new_bases], [tuple(o) for o in orders]
-        return branch_fn
-
-    def first(s_N, q_N):
-        return _per_matrix(_eigenbasis, s_N), jnp.broadcast_to(jnp.arange(q_N.shape[-1]), q_N.shape[:2])
-
-    def refresh(s_N, q_N):
-        return _per_matrix(_qr_refresh, s_N, q_N)
-
-    return jax.lax.switch(branch, [keep, decompose(first), decompose(refresh)], stats, bases)
-
-
 # ----------------------------------------------------------------------------- transforms
 
 
-def _init_precond(p: Any, dtype: Any, **shape_opts) -> Preconditioner:
-    """Zero statistics and bases for the dimensions `layout` preconditions (None elsewhere)."""
-    dims, active = layout(p.shape, **shape_opts)
-    sizes = _group_sizes(p.shape, dims)
-    zeros = tuple(jnp.zeros((n, n), dtype) if on else None for n, on in zip(sizes, active))
+def _zero_precond(shape: Sequence[int], dtype: Any, stack: tuple[int, ...] = (),
+                  **shape_opts) -> Preconditioner:
+    """Zero statistics and bases for the dimensions `layout` preconditions (None elsewhere);
+    stack=(N,): for N blocks of this shape, stacked on a leading axis."""
+    dims, active = layout(shape, **shape_opts)
+    sizes = _group_sizes(shape, dims)
+    zeros = tuple(jnp.zeros((*stack, n, n), dtype) if on else None for n, on in zip(sizes, active))
     return Preconditioner(stats=zeros, bases=zeros, dims=dims)
+
+
+def _init_precond(p: Any, dtype: Any, max_precond_block: int,
+                  **shape_opts) -> Preconditioner | BlockedPreconditioner:
+    """A parameter's zero state: whole, or one stacked Preconditioner per region of its blocks."""
+    regions = block_regions(p.shape, max_precond_block)
+    if not regions:
+        return _zero_precond(p.shape, dtype, **shape_opts)
+    return BlockedPreconditioner(parts=tuple(
+        _zero_precond(region_shape(r), dtype, (region_count(r),), **shape_opts) for r in regions), regions=regions)
 
 
 def _param_step(g: jax.Array, mu: jax.Array, nu: jax.Array, pc: Preconditioner, t: jax.Array, *,
                 b1: float, b2: float, shampoo_beta: float, eps: float, normalize_grads: bool,
-                dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, tuple]:
+                dtype: Any, reserved: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array, tuple]:
     """One parameter's (direction, mu, nu, statistics) from its current bases.
 
     The statistics absorb g here (zero statistics at the first call give exactly the reference's
     initial lerp from zero); the bases change only in `_refresh`, after every parameter's step.
+    `reserved`: mesh axes a caller's vmap deals blocks over (`_blocked_step`).
     """
     g = g.astype(dtype)
     mu = b1 * mu + (1 - b1) * g
@@ -253,7 +167,7 @@ def _param_step(g: jax.Array, mu: jax.Array, nu: jax.Array, pc: Preconditioner, 
     if any(st is not None for st in stats):
         direction, nu, stats = rotated_step(
             _to_layout(g, pc.dims), _to_layout(mu, pc.dims), _to_layout(nu, pc.dims), stats, pc.bases,
-            b2=b2, shampoo_beta=shampoo_beta, eps=eps)
+            b2=b2, shampoo_beta=shampoo_beta, eps=eps, reserved=reserved)
         direction, nu = direction.reshape(g.shape), nu.reshape(g.shape)
     else:  # nothing preconditioned: plain Adam
         nu = b2 * nu + (1 - b2) * jnp.square(g)
@@ -265,15 +179,50 @@ def _param_step(g: jax.Array, mu: jax.Array, nu: jax.Array, pc: Preconditioner, 
     return direction, mu, nu, stats
 
 
+def _blocked_step(g: jax.Array, mu: jax.Array, nu: jax.Array, pc: BlockedPreconditioner, t: jax.Array,
+                  **step_opts) -> tuple[jax.Array, jax.Array, jax.Array, tuple]:
+    """`_param_step` of every block, batched region by region (statistics: one tuple per region);
+    under a mesh each device steps whole blocks (`block_axes`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    outs = []
+    for r, part in zip(pc.regions, pc.parts):
+        axes = block_axes(region_count(r), mesh)
+        step = jax.vmap(functools.partial(_param_step, t=t, reserved=axes, **step_opts), spmd_axis_name=axes or None)
+        outs.append(step(to_blocks(g, r), to_blocks(mu, r), to_blocks(nu, r), part))
+    direction, mu, nu = (from_blocks([out[i] for out in outs], pc.regions) for i in range(3))
+    return direction, mu, nu, tuple(out[3] for out in outs)
+
+
+def _units(pc: Preconditioner | BlockedPreconditioner) -> tuple[Preconditioner, ...]:
+    """The Preconditioners of one parameter: itself, or one (stacked) per region of its blocks."""
+    return pc.parts if isinstance(pc, BlockedPreconditioner) else (pc,)
+
+
+def _permuted(nu: jax.Array, pc: Preconditioner, order: tuple) -> jax.Array:
+    """nu (of one parameter or block) following its bases' new eigenvalue order."""
+    return permute(_to_layout(nu, pc.dims), order).reshape(nu.shape)
+
+
 def _refresh(branch: jax.Array, nus: list, stats: list, preconds: list) -> tuple[list, list]:
-    """(nu, Preconditioner) per parameter once `update_bases` has run `branch` (0 keep / 1 first
-    eigh / 2 QR refresh) on the updated statistics: one switch for all parameters."""
-    bases, orders = update_bases(branch, stats, [pc.bases for pc in preconds])
-    # v follows the eigenvalue order (the orders are the identity unless refreshing).
-    nus = [permute(_to_layout(nu, pc.dims), order).reshape(nu.shape)
-           for nu, pc, order in zip(nus, preconds, orders)]
-    preconds = [dataclasses.replace(pc, stats=st, bases=b) for pc, st, b in zip(preconds, stats, bases)]
-    return nus, preconds
+    """(nu, preconditioner) per parameter once `update_bases` has run `branch` (0 keep / 1 first
+    eigh / 2 QR refresh) on the updated statistics: one switch for all parameters and blocks."""
+    stats = [st if isinstance(pc, BlockedPreconditioner) else (st,) for st, pc in zip(stats, preconds)]
+    bases, orders = update_bases(branch, [s for st in stats for s in st],
+                                 [u.bases for pc in preconds for u in _units(pc)])
+    bases, orders = iter(bases), iter(orders)
+    new_nus, new_pcs = [], []
+    for nu, pc, st in zip(nus, preconds, stats):
+        parts = [dataclasses.replace(u, stats=s, bases=next(bases)) for u, s in zip(_units(pc), st)]
+        part_orders = [next(orders) for _ in parts]
+        # v follows the eigenvalue order (the orders are the identity unless refreshing).
+        if isinstance(pc, BlockedPreconditioner):
+            new_nus.append(from_blocks([jax.vmap(_permuted)(to_blocks(nu, r), part, order) for r, part, order
+                                        in zip(pc.regions, parts, part_orders)], pc.regions))
+            new_pcs.append(dataclasses.replace(pc, parts=tuple(parts)))
+        else:
+            new_nus.append(_permuted(nu, parts[0], part_orders[0]))
+            new_pcs.append(parts[0])
+    return new_nus, new_pcs
 
 
 def _update(updates: Any, state: ScaleBySoapState, precondition_frequency: int,
@@ -282,7 +231,8 @@ def _update(updates: Any, state: ScaleBySoapState, precondition_frequency: int,
     treedef = jax.tree.structure(updates)
     gs, mus, nus, pcs = (treedef.flatten_up_to(x) for x in (updates, state.mu, state.nu, state.precond))
     t = state.count + 1
-    outs = [_param_step(g, mu, nu, pc, t, **step_opts) for g, mu, nu, pc in zip(gs, mus, nus, pcs)]
+    outs = [(_blocked_step if isinstance(pc, BlockedPreconditioner) else _param_step)(g, mu, nu, pc, t, **step_opts)
+            for g, mu, nu, pc in zip(gs, mus, nus, pcs)]
     # The first call only builds statistics and bases: no update, moments untouched.
     first = ~state.initialized
     directions = [jnp.where(first, 0, d).astype(g.dtype) for (d, *_), g in zip(outs, gs)]
@@ -299,11 +249,13 @@ def _update(updates: Any, state: ScaleBySoapState, precondition_frequency: int,
 def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, eps: float = 1e-8,
                   precondition_frequency: int = 10, max_precond_dim: int = 10000,
                   merge_dims: bool = False, precondition_1d: bool = False,
-                  normalize_grads: bool = False,
-                  linalg_dtype: Any = jnp.float32) -> optax.GradientTransformation:
+                  normalize_grads: bool = False, linalg_dtype: Any = jnp.float32,
+                  max_precond_block: int = 0) -> optax.GradientTransformation:
     """SOAP's bias-corrected preconditioned direction (scale by -lr afterwards).
 
     shampoo_beta < 0 means b2. The first call returns zeros and only builds the statistics.
+    max_precond_block > 0: dimensions longer than it are cut into blocks, each block an
+    independent SOAP sub-matrix (`soap_blocks`); 0 (default) is the reference algorithm.
     """
     dtype = jnp.dtype(linalg_dtype)
     shape_opts = dict(max_precond_dim=max_precond_dim, merge_dims=merge_dims,
@@ -315,7 +267,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float = -1, 
         zeros = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
         return ScaleBySoapState(count=jnp.zeros([], jnp.int32), initialized=jnp.zeros([], bool),
                                 mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
-                                precond=jax.tree.map(lambda p: _init_precond(p, dtype, **shape_opts), params))
+                                precond=jax.tree.map(lambda p: _init_precond(p, dtype, max_precond_block, **shape_opts),
+                                                     params))
 
     def update(updates, state, params=None):
         del params
@@ -333,7 +286,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, b1: float = 0.95, b2: float = 0.
          shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
          precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
          precondition_1d: bool = False, normalize_grads: bool = False,
-         linalg_dtype: Any = jnp.float32, mask: Any = None) -> optax.GradientTransformation:
+         linalg_dtype: Any = jnp.float32, mask: Any = None,
+         max_precond_block: int = 0) -> optax.GradientTransformation:
     """SOAP with the reference's decoupled weight decay.
 
     The reference does p <- p - lr_t * c_t * N, then p <- p * (1 - lr * wd) on the UPDATED p
@@ -342,7 +296,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, b1: float = 0.95, b2: float = 0.
     `mask` (tree of bools or callable on params) limits the decay, as in optax.
     """
     inner = scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
-                          merge_dims, precondition_1d, normalize_grads, linalg_dtype)
+                          merge_dims, precondition_1d, normalize_grads, linalg_dtype, max_precond_block)
 
     def init(params):
         return SoapState(count=jnp.zeros([], jnp.int32), soap=inner.init(params))

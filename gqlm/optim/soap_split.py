@@ -28,12 +28,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
-def split_axes(d: int, mesh) -> tuple[str, ...]:
-    """The mesh axes (size > 1, in mesh order) over which a [d, d] statistic's rows (and a basis's
-    columns) are split: of the sets whose product divides d, one with the largest product."""
+def split_axes(d: int, mesh, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The mesh axes (size > 1, in mesh order, not in `exclude`) over which a [d, d] statistic's
+    rows (and a basis's columns) are split: of the sets whose product divides d, one with the
+    largest product."""
     if mesh is None or mesh.empty:
         return ()
-    names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    names = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in exclude]
     best, best_size = (), 1
     for subset in itertools.chain.from_iterable(itertools.combinations(names, r) for r in range(1, len(names) + 1)):
         size = _size(subset, mesh)
@@ -46,22 +47,40 @@ def _entry(axes: tuple[str, ...]):
     return axes[0] if len(axes) == 1 else (axes or None)
 
 
-def statistic_spec(d: int, mesh) -> P:
-    """A [d, d] Shampoo statistic: rows split over every mesh axis that divides d."""
-    return P(_entry(split_axes(d, mesh)), None)
+def block_axes(blocks: int, mesh) -> tuple[str, ...]:
+    """The mesh axes over which the blocks of a region (`max_precond_block`, see `soap_blocks`)
+    are dealt out, whole blocks to each device, as distributed Shampoo does: those dividing
+    their count. Their per-step math is vmapped over these axes (`spmd_axis_name`); the
+    statistics' rows and the bases' columns split over the other axes, as for a parameter."""
+    return split_axes(blocks, mesh)
 
 
-def basis_spec(d: int, mesh) -> P:
-    """A [d, d] eigenbasis: columns split like the statistic's rows."""
-    return P(None, _entry(split_axes(d, mesh)))
+def statistic_spec(d: int, mesh, blocks: int = 0) -> P:
+    """A [d, d] Shampoo statistic: rows split over every mesh axis that divides d. `blocks` > 0:
+    a stack [blocks, d, d], the block axis split first (`block_axes`), rows over the rest."""
+    if not blocks:
+        return P(_entry(split_axes(d, mesh)), None)
+    outer = block_axes(blocks, mesh)
+    return P(_entry(outer), _entry(split_axes(d, mesh, outer)), None)
 
 
-def split_dim(sizes: Sequence[int], active: Sequence[bool], mesh) -> int:
+def basis_spec(d: int, mesh, blocks: int = 0) -> P:
+    """A [d, d] eigenbasis (or a stack of `blocks`): columns split like the statistic's rows."""
+    spec = statistic_spec(d, mesh, blocks)
+    return P(*spec[:-2], spec[-1], spec[-2])
+
+
+def stacked_spec(spec_of, shape: Sequence[int], mesh) -> P:
+    """`spec_of` (statistic_spec or basis_spec) for a [d, d] array or a stack of blocks' [N, d, d]."""
+    return spec_of(shape[-1], mesh, shape[0] if len(shape) == 3 else 0)
+
+
+def split_dim(sizes: Sequence[int], active: Sequence[bool], mesh, exclude: tuple[str, ...] = ()) -> int:
     """The preconditioned dimension kept split (most devices, then largest); -1 if none."""
     candidates = [k for k, on in enumerate(active) if on]
     if not candidates:
         return -1
-    return max(candidates, key=lambda k: (_size(split_axes(sizes[k], mesh), mesh), sizes[k]))
+    return max(candidates, key=lambda k: (_size(split_axes(sizes[k], mesh, exclude), mesh), sizes[k]))
 
 
 def _along(ndim: int, k: int, axes: tuple[str, ...]) -> P:
@@ -92,20 +111,22 @@ def _mode(x: jax.Array, q: jax.Array, k: int, q_dim: int) -> jax.Array:
 
 
 def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple, bases: tuple, *,
-                 b2: float, shampoo_beta: float, eps: float) -> tuple[jax.Array, jax.Array, tuple]:
+                 b2: float, shampoo_beta: float, eps: float,
+                 reserved: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array, tuple]:
     """(Q [Q^T mu Q / (sqrt(nu') + eps)] Q^T, nu', statistics absorbing g) for one parameter.
 
     g_l, mu_l, nu_l are layout-shaped (merged dims); stats/bases hold a [d, d] array or None
     (identity) per dimension; at least one dimension is preconditioned. nu' = b2 nu + (1-b2)
-    (Q^T g Q)^2. Statistics: L_k <- sb L_k + (1 - sb) G_(k) G_(k)^T.
+    (Q^T g Q)^2. Statistics: L_k <- sb L_k + (1 - sb) G_(k) G_(k)^T. `reserved`: mesh axes a
+    caller's vmap deals blocks over (`block_axes`); nothing is split over them here.
     """
     mesh = jax.sharding.get_abstract_mesh()
     mesh = None if mesh.empty or mesh.size == 1 else mesh
     sizes = g_l.shape
     active = tuple(s is not None for s in stats)
-    s = split_dim(sizes, active, mesh)
+    s = split_dim(sizes, active, mesh, reserved)
     ks = [k for k, on in enumerate(active) if on]
-    axes = {k: split_axes(sizes[k], mesh) for k in ks}
+    axes = {k: split_axes(sizes[k], mesh, reserved) for k in ks}
 
     def local(x_2, nu, st, qs):
         """Per device: x_2 = [g, mu] whole; nu split along s; st rows / qs columns local."""
@@ -139,8 +160,8 @@ def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple,
         u, nu, new_st = local(x_2, nu_l, st_in, q_in)
     else:
         along_s = _along(len(sizes), s, axes[s])
-        st_specs = tuple(statistic_spec(sizes[k], mesh) for k in ks)
-        q_specs = tuple(basis_spec(sizes[k], mesh) for k in ks)
+        st_specs = tuple(P(_entry(axes[k]), None) for k in ks)
+        q_specs = tuple(P(None, _entry(axes[k])) for k in ks)
         u, nu, new_st = jax.shard_map(
             local, mesh=mesh, in_specs=(P(), along_s, st_specs, q_specs),
             out_specs=(along_s, along_s, st_specs))(x_2, nu_l, st_in, q_in)

@@ -62,7 +62,8 @@ def soap_builder(lr, o, mask):
     return soap(lr, b1=o.b1, b2=o.b2, shampoo_beta=o.shampoo_beta, eps=o.eps,
                 weight_decay=o.weight_decay, precondition_frequency=o.precondition_frequency,
                 max_precond_dim=o.max_precond_dim, merge_dims=o.merge_dims,
-                precondition_1d=o.precondition_1d, normalize_grads=o.normalize_grads, mask=mask)
+                precondition_1d=o.precondition_1d, normalize_grads=o.normalize_grads, mask=mask,
+                max_precond_block=o.max_precond_block)
 
 
 BUILDERS: dict[str, Builder] = {
