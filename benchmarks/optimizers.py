@@ -24,6 +24,12 @@
     "steps to target" is the first step at which a curve reaches it (linearly interpolated
     between evaluations).
 
+`--max_precond_block=N[,M...]` adds an arm per size to both parts: SOAP with its block-diagonal
+preconditioner (`optimizer.max_precond_block=N`), labelled `soap_blockN`, timed in the same
+round-robin and trained on the same sweep; (b) then also reports its steps to the target over
+unblocked SOAP's (best rates each). `--adamw_lrs` gives AdamW other rates than the
+SOAP arms' `--lrs`.
+
 Writes benchmarks/results/optimizers.json (parts run separately are merged into it) and
 benchmarks/results/optimizers.png (validation-loss curves), and prints markdown tables.
 """
@@ -69,7 +75,9 @@ flags.DEFINE_integer("rounds", 3, "(a) round-robin timing rounds (the best round
 flags.DEFINE_integer("train_steps", 120, "(b) steps per run (the token budget).")
 flags.DEFINE_integer("eval_every", 20, "(b) steps between validation evaluations.")
 flags.DEFINE_integer("eval_batches", 4, "(b) validation batches per evaluation.")
-flags.DEFINE_list("lrs", [], "(b) learning rates for both arms; empty: experiments/soap_vs_adamw.py SWEEP.")
+flags.DEFINE_list("lrs", [], "(b) learning rates for every arm; empty: experiments/soap_vs_adamw.py SWEEP.")
+flags.DEFINE_list("adamw_lrs", [], "(b) AdamW's learning rates, if other than --lrs.")
+flags.DEFINE_list("max_precond_block", [], "(a, b) block sizes: a blocked SOAP arm soap_block<N> for each.")
 flags.DEFINE_string("out", "benchmarks/results/optimizers.json", "JSON output (PNG next to it).")
 FLAGS = flags.FLAGS
 
@@ -77,15 +85,32 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------- (a) step time
 
 
+BLOCKED = "soap_block"  # label prefix of the blocked SOAP arms
+
+
+def blocked_arms() -> list[str]:
+    """soap_block<N> for each N of --max_precond_block (a usage error unless a positive integer)."""
+    if not all(n.isdigit() and int(n) > 0 for n in FLAGS.max_precond_block):
+        raise app.UsageError(f"--max_precond_block takes positive integers, got {FLAGS.max_precond_block}")
+    return [f"{BLOCKED}{int(n)}" for n in FLAGS.max_precond_block]
+
+
+def arm_overrides(name: str) -> dict[str, str]:
+    """Config overrides of an arm: a zoo optimizer, or soap_block<N> (SOAP, max_precond_block=N)."""
+    if name.startswith(BLOCKED):
+        return {"optimizer.name": "soap", "optimizer.max_precond_block": name[len(BLOCKED):]}
+    return {"optimizer.name": name}
+
+
 def optimizer_config(name: str, mesh: tuple[int, int, int]) -> config_lib.ConfigDict:
-    """The `--experiment` model with optimizer `name` on `mesh` (data, fsdp, tensor)."""
+    """The `--experiment` model with optimizer arm `name` on `mesh` (data, fsdp, tensor)."""
     config = config_lib.load_experiment(os.path.join(ROOT, FLAGS.experiment))
     extra = dict(item.split("=", 1) for item in FLAGS.set if "=" in item)
     if len(extra) != len(FLAGS.set):
         raise app.UsageError(f"--set entries must be KEY=VALUE, got {FLAGS.set}")
     return config_lib.apply_override_strings(config, {
         "data.corpus": "shakespeare", "data.seq_len": str(FLAGS.seq_len), "data.batch_size": str(FLAGS.batch_size),
-        **mesh_overrides(mesh), "optimizer.name": name, "optimizer.warmup_steps": "1",
+        **mesh_overrides(mesh), **arm_overrides(name), "optimizer.warmup_steps": "1",
         "optimizer.precondition_frequency": "10", **extra})
 
 
@@ -94,8 +119,10 @@ def run_step_time() -> dict[str, Any]:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise app.UsageError(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(ZOO)})")
+    names += blocked_arms()
     result = {"model": FLAGS.experiment, "overrides": FLAGS.set, "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
-              "steps": FLAGS.steps, "rounds": FLAGS.rounds, "precondition_frequency": 10, "meshes": {}}
+              "steps": FLAGS.steps, "rounds": FLAGS.rounds, "precondition_frequency": 10,
+              "meshes": {}}
     for mesh_text in FLAGS.meshes:
         mesh = parse_mesh(mesh_text)
         timers = {name: TrainStepTimer(optimizer_config(name, mesh), FLAGS.steps) for name in ["adamw"] + names}
@@ -117,7 +144,7 @@ def run_step_time() -> dict[str, Any]:
 
 def step_time_table(result: dict[str, Any]) -> str:
     meshes = list(result["meshes"])
-    names = ["adamw"] + [n for n in ZOO if n != "adamw" and n in result["meshes"][meshes[0]]]
+    names = list(result["meshes"][meshes[0]])  # AdamW first, then as timed
     head = "| optimizer | " + " | ".join(f"step (s), mesh {m} | x AdamW | x AdamW (median round)"
                                          for m in meshes) + " |"
     lines = [f"Step time, {result['model']}, seq {result['seq_len']} x batch {result['batch_size']}, "
@@ -137,8 +164,9 @@ def step_time_table(result: dict[str, Any]) -> str:
 
 
 def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
-    """Validation-loss curve of one run of experiments/soap_vs_adamw.py."""
-    spec = os.path.join(ROOT, f"experiments/soap_vs_adamw.py:{optimizer},lr={lr}")
+    """Validation-loss curve of one run of experiments/soap_vs_adamw.py (arm adamw | soap | soap_block<N>)."""
+    arg = f"soap,block={optimizer[len(BLOCKED):]}" if optimizer.startswith(BLOCKED) else optimizer
+    spec = os.path.join(ROOT, f"experiments/soap_vs_adamw.py:{arg},lr={lr}")
     config = config_lib.apply_override_strings(config_lib.load_experiment(spec), {
         "train.steps": str(FLAGS.train_steps),
         "optimizer.warmup_steps": str(max(1, FLAGS.train_steps // 10))})
@@ -162,20 +190,28 @@ def train_curve(optimizer: str, lr: float) -> dict[str, Any]:
             "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len}
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
 def run_steps_to_target() -> dict[str, Any]:
     spec = importlib_experiment()
-    lrs = {name: tuple(float(x) for x in FLAGS.lrs) or spec.SWEEP[name] for name in ("adamw", "soap")}
-    runs = [train_curve(name, lr) for name in ("adamw", "soap") for lr in lrs[name]]
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final_loss"])
-            for name in ("adamw", "soap")}
+    arms = ["adamw", "soap"] + blocked_arms()
+    soap_lrs = tuple(float(x) for x in FLAGS.lrs) or spec.SWEEP["soap"]
+    lrs = {name: soap_lrs for name in arms}
+    lrs["adamw"] = tuple(float(x) for x in FLAGS.adamw_lrs or FLAGS.lrs) or spec.SWEEP["adamw"]
+    runs = [train_curve(name, lr) for name in arms for lr in lrs[name]]
+    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final_loss"]) for name in arms}
     target = best["adamw"]["final_loss"]
     for r in runs:
         r["steps_to_target"] = steps_to_reach(r["curve"], target)
-    adamw_steps, soap_steps = best["adamw"]["steps_to_target"], best["soap"]["steps_to_target"]
+    steps = {name: best[name]["steps_to_target"] for name in arms}
     return {"experiment": "experiments/soap_vs_adamw.py", "train_steps": FLAGS.train_steps,
             "eval_every": FLAGS.eval_every, "eval_batches": FLAGS.eval_batches, "target_loss": target,
             "best_lr": {n: best[n]["lr"] for n in best}, "runs": runs,
-            "soap_steps_ratio": None if soap_steps is None else soap_steps / adamw_steps}
+            "steps_ratio_to_adamw": {n: _ratio(steps[n], steps["adamw"]) for n in arms},
+            "soap_steps_ratio": _ratio(steps["soap"], steps["adamw"]),
+            "blocked_steps_ratio_to_soap": {n: _ratio(steps[n], steps["soap"]) for n in blocked_arms()}}
 
 
 def importlib_experiment():
@@ -198,9 +234,14 @@ def steps_table(result: dict[str, Any]) -> str:
         steps = "not reached" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
         best = "yes" if result["best_lr"][r["optimizer"]] == r["lr"] else ""
         lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final_loss']:.4f} | {steps} | {best} |")
-    ratio = result["soap_steps_ratio"]
-    lines += ["", "SOAP / AdamW steps to target (best rates): "
-              + ("SOAP never reached it" if ratio is None else f"{ratio:.2f}x")]
+    lines.append("")
+    for name, ratio in result.get("steps_ratio_to_adamw", {"soap": result["soap_steps_ratio"]}).items():
+        if name != "adamw":
+            lines.append(f"{name} / AdamW steps to target (best rates): "
+                         + ("never reached" if ratio is None else f"{ratio:.2f}x"))
+    for name, ratio in result.get("blocked_steps_ratio_to_soap", {}).items():
+        lines.append(f"{name} / unblocked SOAP steps to target (best rates): "
+                     + ("n/a (one never reached it)" if ratio is None else f"{ratio:.3f}x"))
     return "\n".join(lines)
 
 
@@ -209,11 +250,12 @@ def plot_curves(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"adamw": "tab:blue", "soap": "tab:red"}
+    colors = {"adamw": "tab:blue", "soap": "tab:red"}  # a blocked SOAP arm: green
     for r in result["runs"]:
         best = result["best_lr"][r["optimizer"]] == r["lr"]
         steps, losses = zip(*r["curve"])
-        ax.plot(steps, losses, color=colors[r["optimizer"]], lw=2.2 if best else 1.0, ls="-" if best else "--",
+        ax.plot(steps, losses, color=colors.get(r["optimizer"], "tab:green"), lw=2.2 if best else 1.0,
+                ls="-" if best else "--",
                 alpha=1.0 if best else 0.6, label=f"{r['optimizer']} lr={r['lr']:g}" + (" (best)" if best else ""))
     ax.axhline(result["target_loss"], color="gray", lw=0.8, ls=":", label="AdamW best final")
     ax.set_xlabel("step")
