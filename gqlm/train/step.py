@@ -6,6 +6,7 @@ pieces (graphdef, optimizer, loss weights) so that the jitted function itself is
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -70,6 +71,24 @@ def accumulate_gradients(grad_fn: Callable, batch: Batch, num_micro: int) -> Any
     return jax.lax.scan(step, zeros, micros)[0]
 
 
+def count_first(batch: Batch, total_tokens: jax.Array) -> Batch:
+    """The batch, its inputs read through the global token count (>= 1, so unchanged): the count's
+    all-reduce then runs before the forward pass instead of wherever a device reaches it.
+
+    XLA:CPU blocks a pool thread in a collective until every device arrives, so a collective left
+    free to float can hold threads idle while other devices are deep in their forward pass (with
+    the cond guard below: 0.97x -> 1.00x a minimal step, docs/throughput.md). Dividing the gradients
+    by the count after the backward pass would drop the collective, but rounds every gradient
+    differently."""
+    return dict(batch, inputs=jnp.where(total_tokens > 0, batch["inputs"], 0))
+
+
+def apply_update(tx: optax.GradientTransformation, grads: Any, params: Any, opt_state: Any) -> tuple[Any, Any]:
+    """(new params, new optimizer state) of one optimizer step."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     config: ConfigDict, token_bytes_V: jax.Array) -> Callable:
     grad_accum, moe_cfg, rules = config.train.grad_accum, config.model.moe, config.mesh.rules
@@ -82,19 +101,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        batch = count_first(batch, total_tokens)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         # Router jitter noise, fresh each step (state.rng is folded with the step below).
         jitter_key = jax.random.split(state.rng)[1] if jitter else None
         (loss, (sums, aux)), grads = accumulate_gradients(
             lambda micro: grad_fn(state.params, micro, total_tokens, jitter_key), batch, grad_accum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good one.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(state.step + 1, keep(params, state.params),
-                               keep(opt_state, state.opt_state), jax.random.fold_in(state.rng, state.step))
+        # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good
+        # one. A cond, not a where over every leaf after the update: no second pass over the whole
+        # parameter and optimizer state on every step.
+        params, opt_state = jax.lax.cond(finite, functools.partial(apply_update, tx),
+                                         lambda grads, params, opt_state: (params, opt_state),
+                                         grads, state.params, state.opt_state)
+        new_state = TrainState(state.step + 1, params, opt_state, jax.random.fold_in(state.rng, state.step))
         aux = jax.tree.map(lambda v: v / grad_accum, aux)
         metrics = {"loss": loss, "ce": sums["ce_sum"] / total_tokens,
                    "bpb": sums["ce_sum"] / (math.log(2) * jnp.maximum(sums["bytes"], 1.0)),
