@@ -39,13 +39,15 @@ def _last_logits(graphdef, params, ids_BT, lengths_B):
     return jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
 
-def greedy_without_cache(graphdef, params, prompts, num_tokens):
-    """Greedy decoding that re-runs the whole (growing) sequence for every new token."""
+def greedy_without_cache(graphdef, params, prompts, num_tokens, vocab_limit=V):
+    """Greedy decoding that re-runs the whole (growing) sequence for every new token, over the
+    first `vocab_limit` ids."""
     ids_BT, lengths_B = decode.pad_prompts(prompts, 0)
     ids_BT = np.pad(ids_BT, ((0, 0), (0, num_tokens)))
     out = []
     for _ in range(num_tokens):
-        token_B = np.asarray(jnp.argmax(_last_logits(graphdef, params, ids_BT, lengths_B), axis=-1))
+        logits_BV = _last_logits(graphdef, params, ids_BT, lengths_B)[:, :vocab_limit]
+        token_B = np.asarray(jnp.argmax(logits_BV, axis=-1))
         ids_BT[np.arange(len(prompts)), lengths_B] = token_B
         lengths_B = lengths_B + 1
         out.append(token_B)
@@ -110,6 +112,20 @@ def test_sampling_top_k_one_is_greedy_and_seeds_repeat():
     a, b = (greedy(graphdef, params, temperature=1.5, top_k=5) for _ in range(2))
     np.testing.assert_array_equal(a, b)
     assert ((a >= 0) & (a < V)).all()
+
+
+def test_vocab_limit_keeps_padding_ids_out_of_greedy_and_sampled_output():
+    """The embedding is padded past the tokenizer's vocabulary: with vocab_limit those ids are
+    never emitted, and greedy equals the full forward's argmax over the real ids."""
+    graphdef, params = split_model(model_cfg())
+    limit = int(greedy(graphdef, params).max())  # the unlimited output holds an id >= limit
+    got = greedy(graphdef, params, vocab_limit=limit)
+    np.testing.assert_array_equal(got, greedy_without_cache(graphdef, params, PROMPTS, N, vocab_limit=limit))
+    def sampled(**kw):
+        return np.concatenate([decode.generate(graphdef, params, PROMPTS, jax.random.key(seed), num_tokens=N,
+                                               temperature=3.0, **kw) for seed in range(3)])
+    assert sampled(vocab_limit=limit).max() < limit
+    assert sampled().max() >= limit  # without the limit such ids do appear
 
 
 def test_empty_prompts_are_refused():

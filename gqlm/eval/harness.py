@@ -249,7 +249,7 @@ class GQLM(TemplateLM):
                              prompts + [[self.prefix_token_id]] * (self.rows - len(prompts)), key,
                              num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                              stop_ids=(self.tok.eos_id, *one_token_stops), pad_id=self.tok.pad_id,
-                             rules=self.exp.config.mesh.rules,
+                             rules=self.exp.config.mesh.rules, vocab_limit=self.tok.vocab_size,
                              prompt_len=padded_length(max(map(len, prompts)), room))
         rows = np.asarray(jax.device_get(tokens_BN)).tolist()[:len(prompts)]
         return [postprocess_generated_text(self.tok_decode(row[:row.index(self.tok.eos_id)] if self.tok.eos_id in row

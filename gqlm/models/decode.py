@@ -44,8 +44,13 @@ class KVCache(NamedTuple):
     v_LBGKS: Any
 
 
-def next_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Greedy when temperature == 0; else a sample from the (top-k truncated) tempered softmax."""
+def next_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
+               vocab_limit: int = 0) -> jax.Array:
+    """Greedy when temperature == 0; else a sample from the (top-k truncated) tempered softmax.
+    `vocab_limit` > 0: ids from it on (the embedding's padding past the tokenizer's vocabulary)
+    are never picked."""
+    if 0 < vocab_limit < logits_BV.shape[-1]:
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, -jnp.inf)
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = logits_BV / temperature
@@ -109,16 +114,17 @@ def prefill(graphdef: nnx.GraphDef, params: Any, prompts_BP: jax.Array, lengths_
 
 
 @partial(jax.jit, donate_argnames=("cache",),
-         static_argnames=("graphdef", "num_tokens", "temperature", "top_k", "stop_ids", "pad_id", "rules"))
+         static_argnames=("graphdef", "num_tokens", "temperature", "top_k", "stop_ids", "pad_id", "rules",
+                          "vocab_limit"))
 def decode(graphdef: nnx.GraphDef, params: Any, cache: KVCache, logits_BV: jax.Array, lengths_B: jax.Array,
            rng: jax.Array, *, num_tokens: int, temperature: float, top_k: int, stop_ids: tuple[int, ...],
-           pad_id: int, rules: Sequence = DEFAULT_RULES) -> tuple[jax.Array, KVCache]:
+           pad_id: int, rules: Sequence = DEFAULT_RULES, vocab_limit: int = 0) -> tuple[jax.Array, KVCache]:
     """(tokens_BN that follow the prefill's logits, the updated cache)."""
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)  # -1 matches no token
 
     def pick(logits_BV, rng, done_B):
         rng, key = jax.random.split(rng)
-        token_B = jnp.where(done_B, pad_id, next_token(logits_BV, key, temperature, top_k).astype(jnp.int32))
+        token_B = jnp.where(done_B, pad_id, next_token(logits_BV, key, temperature, top_k, vocab_limit).astype(jnp.int32))
         return token_B, done_B | jnp.isin(token_B, stops), rng
 
     def step(carry):
@@ -144,12 +150,15 @@ def decode(graphdef: nnx.GraphDef, params: Any, cache: KVCache, logits_BV: jax.A
 
 def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
              num_tokens: int, temperature: float = 0.0, top_k: int = 0, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, rules: Sequence = DEFAULT_RULES, prompt_len: int | None = None) -> jax.Array:
+             pad_id: int = 0, rules: Sequence = DEFAULT_RULES, prompt_len: int | None = None,
+             vocab_limit: int = 0) -> jax.Array:
     """int32 tokens_BN continuing each prompt (lists of ids, any lengths >= 1).
 
     A row that emits one of `stop_ids` keeps that token, then `pad_id` to the end. Run it under
     `jax.set_mesh(mesh)` with params on that mesh to shard the cache. `prompt_len` pads the
     prompts to that length (default: the longest), so batches of other lengths reuse one compile.
+    `vocab_limit` (the tokenizer's vocabulary size; 0: no limit) keeps the ids of the embedding's
+    padding rows out of the output.
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens} must be >= 1")
@@ -159,5 +168,5 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int
                                num_slots=prompts_BP.shape[1] + num_tokens - 1)
     tokens_BN, _ = decode(graphdef, params, cache, logits_BV, lengths_B, rng, num_tokens=num_tokens,
                           temperature=float(temperature), top_k=int(top_k), stop_ids=tuple(int(s) for s in stop_ids),
-                          pad_id=int(pad_id), rules=rules)
+                          pad_id=int(pad_id), rules=rules, vocab_limit=int(vocab_limit))
     return tokens_BN

@@ -23,11 +23,11 @@ def sample_texts(exp, params: Any, prompts: Sequence[str], num_tokens: int, *, t
     ids = [([tok.bos_id] + tok.encode(p))[-window:] for p in prompts]
     tokens_BN = generate(exp.model.graphdef, params, ids, jax.random.PRNGKey(seed), num_tokens=num_tokens,
                          temperature=temperature, top_k=top_k, stop_ids=(tok.eos_id,), pad_id=tok.pad_id,
-                         rules=exp.config.mesh.rules)
+                         rules=exp.config.mesh.rules, vocab_limit=tok.vocab_size)
     texts = []
     for row in np.asarray(jax.device_get(tokens_BN)).tolist():
         row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
-        texts.append(tok.decode([i for i in row if i < tok.vocab_size]))
+        texts.append(tok.decode(row))
     return texts
 
 
