@@ -165,6 +165,23 @@ def test_bf16_params_keep_float32_statistics():
     assert u["w"].dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(u["w"].astype(jnp.float32))))
 
 
+def single_device_and_sharded(tx, params, grads, mesh, specs):
+    """The parameters after `tx` applied every gradient of `grads` in turn: jitted on one device,
+    then on `mesh` with the parameters split as `specs` says."""
+    def run(params, grads):
+        state = tx.init(params)
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, u)
+        return params
+
+    want = jax.jit(run)(params, grads)
+    with jax.set_mesh(mesh):
+        sharding = {k: NamedSharding(mesh, v) for k, v in specs.items()}
+        got = jax.jit(run, out_shardings=sharding)(jax.device_put(params, sharding), grads)
+    return want, got
+
+
 def test_jit_on_sharded_mesh_matches_single_device():
     """fsdp/tensor-sharded parameters and statistics through several refreshes (the eigh/QR switch
     once deadlocked XLA:CPU's collectives with a few dozen sharded parameters)."""
@@ -180,18 +197,7 @@ def test_jit_on_sharded_mesh_matches_single_device():
     grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()} for _ in range(7)]
     tx = S.soap(1e-2, precondition_frequency=2)
 
-    def run(params, grads):
-        state = tx.init(params)
-        for g in grads:
-            u, state = tx.update(g, state, params)
-            params = optax.apply_updates(params, u)
-        return params
-
-    want = jax.jit(run)(params, grads)
-    with jax.set_mesh(mesh):
-        sharding = {k: NamedSharding(mesh, v) for k, v in specs.items()}
-        sharded = jax.device_put(params, sharding)
-        got = jax.jit(run, out_shardings=sharding)(sharded, grads)
+    want, got = single_device_and_sharded(tx, params, grads, mesh, specs)
     assert got["w0"].sharding.spec == P("fsdp", None)
     for k in shapes:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -211,18 +217,7 @@ def test_dimensions_split_over_different_mesh_axes_match_single_device():
         params = {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
         grads = [{k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()} for _ in range(5)]
         tx = S.soap(1e-2, precondition_frequency=2, linalg_dtype=jnp.float64)
-
-        def run(params, grads):
-            state = tx.init(params)
-            for g in grads:
-                u, state = tx.update(g, state, params)
-                params = optax.apply_updates(params, u)
-            return params
-
-        want = jax.jit(run)(params, grads)
-        with jax.set_mesh(mesh):
-            sharding = {k: NamedSharding(mesh, v) for k, v in specs.items()}
-            got = jax.jit(run, out_shardings=sharding)(jax.device_put(params, sharding), grads)
+        want, got = single_device_and_sharded(tx, params, grads, mesh, specs)
         for k in shapes:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
