@@ -4,9 +4,11 @@ optimizer_sweep.py). No flags here, so tests import it."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -82,3 +84,23 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
         return {"mean": None, "min": None, "max": None, "reached": 0, "of": len(values)}
     return {"mean": statistics.fmean(reached), "min": min(reached), "max": max(reached),
             "reached": len(reached), "of": len(values)}
+
+
+def cached_run(path: str, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The run stored under `key` in the JSON-lines file `path`, or `compute()`, appended there:
+    a sweep stopped part way resumes where it stopped. A last line cut short by a kill is skipped."""
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("key") == key:
+                    return row["run"]
+    run = compute()
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        cut = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"  # a line cut short: start anew
+        f.write(("\n" if cut else "").encode() + json.dumps({"key": key, "run": run}).encode() + b"\n")
+    return run

@@ -16,7 +16,13 @@ Per batch size:
    most --max_extend times). A best rate still at an edge is reported as not bracketed.
 2. Run the best rate on the other seeds (init and data order follow `config.seed`).
 3. Target: AdamW's mean final validation loss over the seeds. Per seed, steps to reach it (linear
-   between evaluations) and seconds (steps x that run's mean step time); mean and min-max spread.
+   between evaluations); mean and min-max spread.
+4. Seconds to target: steps to target x the optimizer's step time, timed round-robin over all
+   optimizers at their best rates (`--time_rounds` rounds of `--time_steps` steps, after two
+   warm-up steps), so load drift on a shared machine hits every optimizer alike; each run's own
+   mean step time (timed alone, whatever else ran then) is kept in the JSON too.
+Every finished run is appended to `--cache` (JSON lines) and reused by a later invocation with the
+same settings, so an interrupted sweep resumes where it stopped.
 Runs on one CPU device by default (the comparison does not depend on the mesh; 8 fake devices
 only add collective overhead). Prints the table; writes JSON and a PNG (final loss against rate).
 """
@@ -28,14 +34,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # SOAP's eigh under XLA:CPU (see optimizers.py)
 
+import json  # noqa: E402
 import statistics  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from curves import FACTOR, best_rate, next_rate, spread, steps_to_reach, train_curve  # noqa: E402
+from curves import FACTOR, best_rate, cached_run, next_rate, spread, steps_to_reach, train_curve  # noqa: E402
 from gqlm import config as config_lib  # noqa: E402
-from timing import write_results  # noqa: E402
+from timing import TrainStepTimer, time_rounds, write_results  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OTHER_LR = 3e-3  # the AdamW group (embedding/head, norms) in every arm
@@ -53,7 +60,10 @@ flags.DEFINE_integer("eval_every", 20, "Steps between validation evaluations.")
 flags.DEFINE_integer("eval_batches", 8, "Validation batches per evaluation.")
 flags.DEFINE_integer("max_extend", 3, "Rates added beyond a grid edge at most.")
 flags.DEFINE_multi_string("set", [], "Extra config overrides KEY=VALUE (e.g. model.num_layers=2 for a quick run).")
+flags.DEFINE_integer("time_steps", 10, "Steps per round of the round-robin step timing (0: skip it).")
+flags.DEFINE_integer("time_rounds", 3, "Rounds of the round-robin step timing.")
 flags.DEFINE_string("out", "benchmarks/results/optimizer_sweep.json", "JSON output (PNG next to it).")
+flags.DEFINE_string("cache", "/tmp/gqlm_optimizer_sweep_runs.jsonl", "Finished runs (JSON lines), reused on rerun.")
 FLAGS = flags.FLAGS
 
 
@@ -83,8 +93,15 @@ def tune(optimizer: str, tokens: int, seed: int) -> tuple[dict[float, dict], flo
     return runs, best, rates[0] < best < rates[-1]
 
 
+def run_key(optimizer: str, lr: float, tokens: int, seed: int) -> str:
+    """What identifies a run in the cache: its arm and every setting its curve depends on."""
+    return json.dumps([optimizer, lr, tokens, seed, FLAGS.train_steps, FLAGS.eval_every, FLAGS.eval_batches,
+                       sorted(FLAGS.set)])
+
+
 def measured(optimizer: str, lr: float, tokens: int, seed: int) -> dict[str, Any]:
-    run = train_curve(run_config(optimizer, lr, tokens, seed), FLAGS.eval_every, FLAGS.eval_batches)
+    run = cached_run(FLAGS.cache, run_key(optimizer, lr, tokens, seed), lambda: train_curve(
+        run_config(optimizer, lr, tokens, seed), FLAGS.eval_every, FLAGS.eval_batches))
     print(f"{tokens} tokens/step, {optimizer} lr={lr:g} seed={seed}: final validation loss "
           f"{run['final_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
     return {"optimizer": optimizer, "lr": lr, "seed": seed, **run}
@@ -97,13 +114,27 @@ def sweep_batch_size(tokens: int, seeds: list[int]) -> dict[str, Any]:
         finals = [tuning[best]] + [measured(optimizer, best, tokens, s) for s in seeds[1:]]
         arms[optimizer] = {"tuning": list(tuning.values()), "best_lr": best, "bracketed": bracketed, "seeds": finals}
     target = statistics.fmean(r["final_loss"] for r in arms["adamw"]["seeds"])
-    for arm in arms.values():
+    step_times = round_robin_step_times({name: arm["best_lr"] for name, arm in arms.items()}, tokens, seeds[0])
+    for name, arm in arms.items():
         steps = [steps_to_reach(r["curve"], target) for r in arm["seeds"]]
         arm["final_loss"] = spread([r["final_loss"] for r in arm["seeds"]])
         arm["steps_to_target"] = spread(steps)
-        arm["seconds_to_target"] = spread([None if s is None else s * r["step_time_s"]
-                                           for s, r in zip(steps, arm["seeds"])])
+        arm["step_time_s"] = step_times.get(name)
+        arm["seconds_to_target"] = spread([None if s is None or name not in step_times else s * step_times[name]
+                                           for s in steps])
     return {"tokens_per_step": tokens, "target_loss": target, "arms": arms}
+
+
+def round_robin_step_times(best_lrs: dict[str, float], tokens: int, seed: int) -> dict[str, float]:
+    """Each optimizer's seconds per step at its best rate, median over rounds timed round-robin."""
+    if FLAGS.time_steps <= 0:
+        return {}
+    timers = {name: TrainStepTimer(run_config(name, lr, tokens, seed), FLAGS.time_steps)
+              for name, lr in best_lrs.items()}
+    for timer in timers.values():
+        timer.run(2)  # compilation; SOAP's statistics-only first call
+    rounds = time_rounds(list(timers.values()), FLAGS.time_steps, FLAGS.time_rounds)
+    return {name: statistics.median(times) for name, times in zip(timers, rounds)}
 
 
 def fmt(stat: dict[str, Any], digits: int = 0) -> str:
@@ -116,11 +147,13 @@ def fmt(stat: dict[str, Any], digits: int = 0) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [f"{result['tokens_per_step']} tokens/step, target {result['target_loss']:.4f} nats/byte "
              "(AdamW's mean final validation loss); mean [min, max] over seeds:", "",
-             "| optimizer | best lr | bracketed | final val loss | steps to target | seconds to target |",
-             "|---|---|---|---|---|---|"]
+             "| optimizer | best lr | bracketed | final val loss | steps to target | s/step | seconds to target |",
+             "|---|---|---|---|---|---|---|"]
     for name, arm in result["arms"].items():
         lines.append(f"| {name} | {arm['best_lr']:g} | {'yes' if arm['bracketed'] else 'NO'} | "
-                     f"{fmt(arm['final_loss'], 4)} | {fmt(arm['steps_to_target'])} | {fmt(arm['seconds_to_target'], 1)} |")
+                     f"{fmt(arm['final_loss'], 4)} | {fmt(arm['steps_to_target'])} | "
+                     f"{'-' if arm['step_time_s'] is None else format(arm['step_time_s'], '.3f')} | "
+                     f"{fmt(arm['seconds_to_target'], 1)} |")
     return "\n".join(lines)
 
 

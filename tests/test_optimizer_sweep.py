@@ -25,3 +25,21 @@ def test_next_rate_extends_the_grid_beyond_the_edge_holding_the_best(losses, exp
 def test_spread_reports_mean_min_max_of_the_seeds_that_reached():
     assert curves.spread([10.0, None, 14.0]) == {"mean": 12.0, "min": 10.0, "max": 14.0, "reached": 2, "of": 3}
     assert curves.spread([None, None])["reached"] == 0
+
+
+def test_cached_run_computes_once_per_key_and_survives_a_line_cut_by_a_kill(tmp_path):
+    path, calls = str(tmp_path / "runs.jsonl"), []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return {"final_loss": value}
+        return run
+
+    assert curves.cached_run(path, "a", compute(1.0)) == {"final_loss": 1.0}
+    assert curves.cached_run(path, "a", compute(9.0)) == {"final_loss": 1.0}  # from the file
+    with open(path, "a") as f:
+        f.write('{"key": "b", "run": {"final_lo')  # a write cut short
+    assert curves.cached_run(path, "b", compute(2.0)) == {"final_loss": 2.0}
+    assert curves.cached_run(path, "b", compute(9.0)) == {"final_loss": 2.0}
+    assert calls == [1.0, 2.0]
