@@ -110,6 +110,11 @@ def _mode(x: jax.Array, q: jax.Array, k: int, q_dim: int) -> jax.Array:
     return jnp.moveaxis(jnp.tensordot(x, q, axes=([k], [q_dim])), -1, k)
 
 
+# The shard_map below runs with check_vma=False: where another dimension's basis is gathered over
+# an axis that does not split s (e.g. [6, 20, 4] on data 2 x fsdp 4: dim 0 over data, dim 1 over
+# fsdp), `all_gather` types its result as varying over that axis although every device holds the
+# same basis; u and nu are then replicated over it in fact, as out_specs state, but the type check
+# cannot infer it (tests/test_soap.py checks such a mesh against one device).
 def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple, bases: tuple, *,
                  b2: float, shampoo_beta: float, eps: float,
                  reserved: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array, tuple]:
@@ -162,11 +167,7 @@ def rotated_step(g_l: jax.Array, mu_l: jax.Array, nu_l: jax.Array, stats: tuple,
         along_s = _along(len(sizes), s, axes[s])
         st_specs = tuple(P(_entry(axes[k]), None) for k in ks)
         q_specs = tuple(P(None, _entry(axes[k])) for k in ks)
-        # check_vma=False: where another dimension's basis is gathered over an axis that does not
-        # split s (e.g. [6, 20] on data 2 x fsdp 4: dim 0 over data, dim 1 over fsdp), `all_gather`
-        # types its result as varying over that axis, although every device holds the same basis;
-        # u and nu are then replicated over it in fact, which out_specs state and the type check
-        # cannot infer (tests/test_soap.py checks such meshes against one device).
+        # check_vma=False: see the note above this function.
         u, nu, new_st = jax.shard_map(
             local, mesh=mesh, in_specs=(P(), along_s, st_specs, q_specs),
             out_specs=(along_s, along_s, st_specs), check_vma=False)(x_2, nu_l, st_in, q_in)
