@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -98,6 +98,10 @@ class PreparedSplit:
         if not tokens:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
         return np.concatenate(tokens), np.concatenate(doc_ids)
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_base[-1])
 
     def rows(self, seq_len: int, full: bool = True) -> int:
         return packing.num_full_rows(self.length, seq_len) if full else packing.num_rows_covering(self.length, seq_len)
@@ -197,3 +201,22 @@ def eval_batches(split: PreparedSplit, seq_len: int, batch_size: int, pad_id: in
     count = min(num_batches, -(-num_rows // batch_size))
     rows = [b * batch_size + np.arange(lo, hi) for b in range(count)]
     return [pack_window_rows(split, np.where(r < num_rows, r, -1), seq_len, pad_id) for r in rows]
+
+
+def document_texts(splits: list[PreparedSplit], weights: list[float], tokenizer: Tokenizer,
+                   chunk: int = 64) -> Iterator[str]:
+    """The splits' documents as text (decoded with the tokenizer that prepared them), interleaved
+    so that each source's share of the characters read so far follows its weight: however early
+    the reader stops (a GQ-VAE keeps a fixed number of pieces), the mixture holds. Deterministic."""
+    next_doc, read = [0] * len(splits), [0] * len(splits)
+    live = [i for i, s in enumerate(splits) if s.num_documents]
+    while live:
+        i = min(live, key=lambda j: (read[j] / weights[j], j))
+        split, start = splits[i], next_doc[i]
+        next_doc[i] = end = min(start + chunk, split.num_documents)
+        for ids in split.documents(range(start, end)):
+            text = tokenizer.decode(ids.tolist())
+            read[i] += len(text)
+            yield text
+        if end == split.num_documents:
+            live.remove(i)

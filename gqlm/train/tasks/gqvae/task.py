@@ -10,7 +10,7 @@ pieces are seen often), shuffled by a grain pipeline whose state each checkpoint
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import jax
@@ -21,8 +21,11 @@ from jax.sharding import Mesh
 
 from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
+from gqlm.config.data import PREPARED
 from gqlm.data.corpora import load_documents
-from gqlm.data.pipeline import process_slice, to_global
+from gqlm.data.pipeline import open_split, process_slice, to_global
+from gqlm.data.prepared import document_texts
+from gqlm.tokenizers import load_tokenizer
 from gqlm.optim.factory import opt_state_shardings
 from gqlm.tokenizers.gqvae.model import make_model
 from gqlm.tokenizers.gqvae.pretokenize import BYTE_PAD, corpus_pieces
@@ -67,15 +70,26 @@ class GQVAETask(Task):
         return self.monitor.update(step, metrics)
 
     def pieces(self, exp: Experiment, split: str) -> np.ndarray:
-        """[N, T] bytes of the split's pieces, in text order (int16: half the memory of int32)."""
+        """[N, T] bytes of the split's pieces, in text order (int16: half the memory of int32), the
+        first MAX_PIECES of them: a prepared corpus is read only that far, its sources by weight."""
         if split not in self._pieces:
-            texts = self.texts[split] if self.texts else load_documents(exp.config.data, split)[:]
-            bytes_NT, _ = corpus_pieces(texts, exp.config.gqvae.max_pretoken_len, MAX_PIECES)
+            bytes_NT, _ = corpus_pieces(self.split_texts(exp.config, split), exp.config.gqvae.max_pretoken_len,
+                                        MAX_PIECES)
             if not len(bytes_NT):
                 where = "the given texts" if self.texts else f"data.corpus={exp.config.data.corpus!r}"
                 raise ConfigError(f"GQ-VAE {split} texts ({where}) contain no characters")
             self._pieces[split] = bytes_NT.astype(np.int16)
         return self._pieces[split]
+
+    def split_texts(self, config: ConfigDict, split: str) -> Iterable[str]:
+        """The texts of `split`: the given ones, the documents of `data.sources` (decoded with
+        `data.tokenizer`, which must be the one that prepared them), or those of `data.corpus`."""
+        if self.texts:
+            return self.texts[split]
+        if config.data.corpus == PREPARED:
+            tokenizer = load_tokenizer(config.data.tokenizer)
+            return document_texts(*open_split(config, tokenizer, split), tokenizer)
+        return iter(load_documents(config.data, split))
 
     def build(self, config: ConfigDict, mesh: Mesh) -> Experiment:
         q, rules = config.gqvae, config.mesh.rules
