@@ -119,6 +119,30 @@ def test_export_matches_transformers(tmp_path, case):
 
 
 @pytest.mark.parity
+def test_exported_generation_never_emits_padding_ids_and_matches_gqlm(tmp_path):
+    """The embedding is padded past the tokenizer (384 vs 259 ids): transformers' greedy generation
+    on the export reads generation_config.json's suppress_tokens, and so gives gqlm's tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from gqlm.models import decode
+    m, tok = tiny_model(init_std=0.5), ByteTokenizer()
+    params = random_params(m)
+    out = export(m, params, tmp_path)
+    prompts, n = [[tok.bos_id, 72, 101, 108], [tok.bos_id, 40, 32, 97]], 12
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
+    ours = np.asarray(decode.generate(graphdef, params, prompts, jax.random.key(0), num_tokens=n,
+                                      stop_ids=(tok.eos_id,), pad_id=tok.pad_id, vocab_limit=tok.vocab_size))
+    unlimited = np.asarray(decode.generate(graphdef, params, prompts, jax.random.key(0), num_tokens=n))
+    assert unlimited.max() >= tok.vocab_size  # this model does reach for the padding ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(prompts), max_new_tokens=n, do_sample=False)[:, len(prompts[0]):]
+    # Both stop a row at EOS (kept) and pad after it; transformers stops early once all rows did.
+    theirs = np.pad(theirs.numpy(), ((0, 0), (0, n - theirs.shape[1])), constant_values=tok.pad_id)
+    np.testing.assert_array_equal(theirs, ours)
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_exported_tokenizer_gives_gqlm_ids(tmp_path, kind):
     transformers = pytest.importorskip("transformers")

@@ -166,8 +166,11 @@ def export_model(params: Any, m: ConfigDict, tokenizer: Tokenizer, out_dir: str)
     hf_tokenizer.check_exportable(tokenizer.kind)
     os.makedirs(out_dir, exist_ok=True)
     config = hf_config.to_hf_config(m, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    with open(os.path.join(out_dir, hf_config.CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    generation = hf_config.to_generation_config(m.vocab_size, tokenizer.vocab_size, tokenizer.bos_id,
+                                                tokenizer.eos_id, tokenizer.pad_id)
+    for name, content in ((hf_config.CONFIG_FILE, config), (hf_config.GENERATION_CONFIG_FILE, generation)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
     export_params(params, m, os.path.join(out_dir, MODEL_FILE))
     hf_tokenizer.export_tokenizer(tokenizer, out_dir, m.max_seq_len)
 

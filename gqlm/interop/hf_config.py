@@ -19,6 +19,7 @@ from gqlm.config import ConfigDict, ConfigError, base_config, moe_layer_indices
 from gqlm.config import model as model_section
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 # gqlm `model.` key -> config.json key (values resolved: no 0 = "same as" defaults on either side).
@@ -69,6 +70,14 @@ def _resolved(m: ConfigDict) -> dict[str, Any]:
         values["mlp_dim"] = m.moe.mlp_dim or m.mlp_dim
         values.update({"moe.num_experts": m.moe.num_experts, "moe.top_k": m.moe.top_k})
     return values
+
+
+def to_generation_config(model_vocab: int, tokenizer_vocab: int, bos_id: int, eos_id: int,
+                         pad_id: int) -> dict[str, Any]:
+    """generation_config.json: `transformers` generation never emits the ids of the embedding's
+    padding past the tokenizer's vocabulary (`suppress_tokens`), as gqlm's own does not."""
+    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+            "suppress_tokens": list(range(tokenizer_vocab, model_vocab))}
 
 
 def to_hf_config(m: ConfigDict, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
