@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from gqlm import config as config_lib  # noqa: E402
 from gqlm.models.positions import apply_rope  # noqa: E402
 from gqlm.optim.factory import make_optimizer  # noqa: E402
-from gqlm.train.step import apply_update  # noqa: E402
+from gqlm.train.step import apply_update, apply_update_if  # noqa: E402
 from timing import TrainStepTimer, mesh_overrides, time_alternating, write_results  # noqa: E402
 
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds (each times both steps).")
@@ -124,15 +124,17 @@ def make_minimal_step(tx: optax.GradientTransformation, token_count: bool = Fals
         return jnp.sum(ce_BT * batch["loss_mask"]) / jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
     def step(state, batch):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        new_state = (optax.apply_updates(params, updates), opt_state)
+        loss, grads = jax.value_and_grad(loss_fn)(state[0], batch)
+        new_state = apply_update(tx, grads, *state)
         if guard:
-            finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+            new_state = keep_if(jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)), new_state, state)
         return new_state, loss
     return step
+
+
+def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The non-finite guard as gqlm had it: a where over every leaf of the new state."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 class MinimalStepTimer:
@@ -218,13 +220,11 @@ def time_optimizer_updates(base: TrainStepTimer, rounds: int = 9, updates: int =
     gqlm_tx = base.exp.tx
 
     def where_guard(grads, params, opt_state):
-        new = apply_update(gqlm_tx, grads, params, opt_state)
         finite = jnp.isfinite(optax.global_norm(grads))
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
+        return keep_if(finite, apply_update(gqlm_tx, grads, params, opt_state), (params, opt_state))
 
     def cond_guard(grads, params, opt_state):
-        return jax.lax.cond(jnp.isfinite(optax.global_norm(grads)), functools.partial(apply_update, gqlm_tx, grads),
-                            lambda p, o: (p, o), params, opt_state)
+        return apply_update_if(jnp.isfinite(optax.global_norm(grads)), gqlm_tx, grads, params, opt_state)
 
     cases = {"optax.adamw (the minimal step's)": (MINIMAL_TX, functools.partial(apply_update, MINIMAL_TX)),
              "gqlm's optimizer (clip, masked AdamW, schedule)": (gqlm_tx, functools.partial(apply_update, gqlm_tx)),
@@ -254,7 +254,8 @@ def main(argv):
     assert params["minimal"] == params["gqlm"], params
     result = compare(minimal, real, FLAGS.rounds, FLAGS.steps)
     tokens = real.tokens
-    print(f"{'step':<10} {'s/step':>8} {'tokens/s':>9} {'CPU s/step':>11}   (medians of {FLAGS.rounds} interleaved rounds)")
+    print(f"{'step':<10} {'s/step':>8} {'tokens/s':>9} {'CPU s/step':>11}   "
+          f"(medians of {FLAGS.rounds} interleaved rounds)")
     for name, wall, cpu in zip(("minimal", "gqlm"), result["step_s"], result["cpu_s"]):
         print(f"{name:<10} {wall:>8.3f} {tokens / wall:>9.0f} {cpu:>11.2f}")
     print(f"gqlm / minimal tokens/s: {result['ratio']:.3f} "

@@ -124,7 +124,8 @@ def decode(graphdef: nnx.GraphDef, params: Any, cache: KVCache, logits_BV: jax.A
 
     def pick(logits_BV, rng, done_B):
         rng, key = jax.random.split(rng)
-        token_B = jnp.where(done_B, pad_id, next_token(logits_BV, key, temperature, top_k, vocab_limit).astype(jnp.int32))
+        token_B = next_token(logits_BV, key, temperature, top_k, vocab_limit).astype(jnp.int32)
+        token_B = jnp.where(done_B, pad_id, token_B)
         return token_B, done_B | jnp.isin(token_B, stops), rng
 
     def step(carry):

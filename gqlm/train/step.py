@@ -89,6 +89,14 @@ def apply_update(tx: optax.GradientTransformation, grads: Any, params: Any, opt_
     return optax.apply_updates(params, updates), opt_state
 
 
+def apply_update_if(finite: jax.Array, tx: optax.GradientTransformation, grads: Any, params: Any,
+                    opt_state: Any) -> tuple[Any, Any]:
+    """`apply_update` when `finite`, else (params, opt_state) unchanged. A cond, not a where over
+    every leaf after the update: no second pass over the whole parameter and optimizer state."""
+    unchanged = lambda grads, params, opt_state: (params, opt_state)  # noqa: E731
+    return jax.lax.cond(finite, functools.partial(apply_update, tx), unchanged, grads, params, opt_state)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     config: ConfigDict, token_bytes_V: jax.Array) -> Callable:
     grad_accum, moe_cfg, rules = config.train.grad_accum, config.model.moe, config.mesh.rules
@@ -109,12 +117,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             lambda micro: grad_fn(state.params, micro, total_tokens, jitter_key), batch, grad_accum)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good
-        # one. A cond, not a where over every leaf after the update: no second pass over the whole
-        # parameter and optimizer state on every step.
-        params, opt_state = jax.lax.cond(finite, functools.partial(apply_update, tx),
-                                         lambda grads, params, opt_state: (params, opt_state),
-                                         grads, state.params, state.opt_state)
+        # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good one.
+        params, opt_state = apply_update_if(finite, tx, grads, state.params, state.opt_state)
         new_state = TrainState(state.step + 1, params, opt_state, jax.random.fold_in(state.rng, state.step))
         aux = jax.tree.map(lambda v: v / grad_accum, aux)
         metrics = {"loss": loss, "ce": sums["ce_sum"] / total_tokens,
