@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # 8 fake CPU devices unless set
 
+import contextlib  # noqa: E402
 import itertools  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -27,6 +28,7 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run as a script
 
 flags.DEFINE_string("variant", "", "experiments/gqvae_shakespeare.py variant (empty: the CPU recipe)")
+flags.DEFINE_string("corpus", "", "data.corpus (empty: the experiment's, shakespeare)")
 flags.DEFINE_integer("steps", 100, "train steps per run")
 flags.DEFINE_integer("warmup", 30, "gqvae.warmup_steps")
 flags.DEFINE_integer("reseed_every", 15, "gqvae.reseed_every")
@@ -38,6 +40,8 @@ flags.DEFINE_list("weights", ["3", "1"], "gqvae.gate_loss_weight values")
 flags.DEFINE_list("ramps", ["0"], "gqvae.gate_weight_ramp_steps values")
 flags.DEFINE_list("targets", ["0"], "gqvae.gate_target_len values (0: off)")
 flags.DEFINE_list("seeds", ["0"], "config.seed values")
+flags.DEFINE_string("keep_dir", "", "keep each run's workdir (checkpoint, metrics) under this directory, named by "
+                    "its setting (empty: temporary)")
 flags.DEFINE_bool("append", False, "add these runs to --out's (its earlier commands are kept)")
 flags.DEFINE_string("out", "benchmarks/results/gqvae_robustness.json", "JSON results")
 FLAGS = flags.FLAGS
@@ -56,7 +60,22 @@ def run_config(setting: dict):
     t.update(dict(steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.steps,
                   checkpoint_every=FLAGS.steps, progress=False))
     config.seed = setting["seed"]
+    config.data.corpus = FLAGS.corpus or config.data.corpus
     return config
+
+
+def run_name(setting: dict) -> str:
+    return "_".join([FLAGS.corpus or "shakespeare", FLAGS.variant or "cpu"] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
+                                               for k, v in setting.items()])
+
+
+def workdir_of(setting: dict):
+    """A temporary workdir, or a kept one under --keep_dir."""
+    if not FLAGS.keep_dir:
+        return tempfile.TemporaryDirectory()
+    path = os.path.join(FLAGS.keep_dir, run_name(setting))
+    os.makedirs(path, exist_ok=True)
+    return contextlib.nullcontext(path)
 
 
 def one_run(task, setting: dict) -> dict:
@@ -65,7 +84,7 @@ def one_run(task, setting: dict) -> dict:
     from gqlm.train.tasks.gqvae.collapse import WINDOW, CollapseMonitor, collapse_state
 
     task.monitor = CollapseMonitor()
-    with tempfile.TemporaryDirectory() as workdir:
+    with workdir_of(setting) as workdir:
         start = time.perf_counter()
         final = train(run_config(setting), workdir, task)
         seconds = time.perf_counter() - start
@@ -73,7 +92,7 @@ def one_run(task, setting: dict) -> dict:
             rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     last = rows[-WINDOW:]
     verdict = collapse_state([r["pretoken_cut_share"] for r in last], [r["mean_token_len"] for r in last])
-    return {**setting, "verdict": verdict, "train_s": seconds,
+    return {**setting, "corpus": run_config(setting).data.corpus, "steps": FLAGS.steps, "verdict": verdict, "train_s": seconds, "workdir": FLAGS.keep_dir and workdir,
             "validation": {k: final[k] for k in ("mean_token_len", "pretoken_cut_share", "forced_cut_share",
                                                  "saturated_gates", "mean_gate", "codes_in_use", "byte_accuracy",
                                                  "loss")},
@@ -89,7 +108,9 @@ def settings() -> list[dict]:
 
 def main(argv) -> None:
     del argv
+    from absl import logging
     from gqlm.train.tasks.gqvae.task import GQVAETask
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines drown the table
     from timing import write_results
 
     command = " ".join(["python benchmarks/gqvae_robustness.py"] + sys.argv[1:])

@@ -20,7 +20,8 @@ off; the byte tokenizer has none. `--repeats` cold encodes of each condition, in
 much of the split the table covers (`table_hit_fraction`, `model_bytes_with_table` /
 `model_bytes_no_table`: bytes of distinct pretokens the model runs). With --lm, the validation bits
 per byte of the same small LM trained on each tokenizer with the same number of training bytes
-(experiments/gqvae_lm_compare.py, run as `python -m gqlm.train`).
+(experiments/gqvae_lm_compare.py, run as `python -m gqlm.train`), once per `--lm_seeds` seed (init and
+data order; the row's val_bpb is their mean, each seed's kept).
 Encode speed alone, from briefly CPU-trained models of the GPU models' shapes (speed depends on the
 model's shape, not its training; bytes/token of such models means nothing):
 
@@ -74,6 +75,7 @@ flags.DEFINE_string("tok_dir", "workdirs/tok", "where built tokenizers are kept"
 flags.DEFINE_string("lm_dir", "workdirs/lm", "LM workdirs of the bpb comparison")
 flags.DEFINE_bool("lm", True, "also train the comparison LM on each tokenizer")
 flags.DEFINE_integer("parallel", 2, "LM runs at a time")
+flags.DEFINE_list("lm_seeds", ["0"], "config.seed of the LM runs (init and data order); val_bpb is their mean")
 flags.DEFINE_list("reuse_measurements", [], "previous --out JSONs: take their tokenizer rows (the first of each "
                   "kind and size) instead of building/measuring those again")
 flags.DEFINE_string("out", "benchmarks/results/tokenizers.json", "JSON output (PNG beside it)")
@@ -225,9 +227,9 @@ def measure(spec: str, valid: list[str], train_head: str) -> dict[str, Any]:
             **row, "train_bytes_per_token": float(sizes[head].sum()) / len(head)}
 
 
-def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
-    """Runs the comparison LM; returns its final validation metrics (reused if already run)."""
-    workdir = os.path.join(FLAGS.lm_dir, name)
+def train_lm(name: str, spec: str, bpt: float, seed: int = 0) -> dict[str, Any]:
+    """Runs the comparison LM with `seed`; returns its final validation metrics (reused if already run)."""
+    workdir = os.path.join(FLAGS.lm_dir, name if seed == 0 else f"{name}_seed{seed}")
     exp = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, COMPARE))
     module = importlib.util.module_from_spec(exp)
     exp.loader.exec_module(module)
@@ -244,7 +246,8 @@ def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
     if final() is None:
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": ROOT}
-        cmd = [sys.executable, "-m", "gqlm.train", f"--config={COMPARE}:{spec},bpt={bpt:.4f}", f"--workdir={workdir}"]
+        cmd = [sys.executable, "-m", "gqlm.train", f"--config={COMPARE}:{spec},bpt={bpt:.4f}", f"--workdir={workdir}",
+               f"--config.seed={seed}"]
         t0 = time.time()
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.time() - t0
@@ -252,9 +255,22 @@ def train_lm(name: str, spec: str, bpt: float) -> dict[str, Any]:
             return {"lm_error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     row = final()
     seq_len = max(8, round(module.BYTE_CONTEXT / bpt))
-    return {"val_bpb": row["bpb"], "val_loss": row["loss"], "lm_seq_len": seq_len, "lm_wall_s": wall and round(wall, 1),
+    return {"seed": seed, "val_bpb": row["bpb"], "val_loss": row["loss"], "lm_seq_len": seq_len, "lm_wall_s": wall and round(wall, 1),
             "lm_steps": module.STEPS, "lm_batch": module.BATCH,
             "lm_train_bytes": module.STEPS * module.BATCH * seq_len * bpt}
+
+
+def lm_seeds(row: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's LM results over seeds: the first run's fields, val_bpb their mean, each seed's kept."""
+    for res in results:
+        print(f"{row['kind']} {row['vocab_size']}: LM {res}", flush=True)
+    failed = [res for res in results if "lm_error" in res]
+    if failed:
+        return failed[0]
+    bpbs = [res["val_bpb"] for res in results]
+    return {**results[0], "val_bpb": statistics.mean(bpbs), "val_bpb_seeds": bpbs,
+            "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
+            "lm_seeds": [res["seed"] for res in results], "lm_wall_s": [res["lm_wall_s"] for res in results]}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -265,6 +281,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['kind']} | {r['requested_vocab']} | - | - | - | - | - | - | {r['error']} |")
             continue
         bpb = f"{r['val_bpb']:.3f}" if "val_bpb" in r else r.get("lm_error", "-")
+        bpb += f" ± {r['val_bpb_std']:.3f} ({len(r['val_bpb_seeds'])} seeds)" if len(r.get("val_bpb_seeds", [])) > 1 else ""
         speed = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
         hits = f"{100 * r['table_hit_fraction']:.1f}%" if "table_hit_fraction" in r else "-"
         lines.append(f"| {r['kind']} | {r['vocab_size']} | {r['bytes_per_token']:.3f} | "
@@ -366,13 +383,13 @@ def main(argv: list[str]) -> None:
     rows.sort(key=lambda r: (r["requested_vocab"], order.index(r["kind"]) if r["kind"] in order else len(order)))
     if FLAGS.lm:
         todo = [r for r in rows if "error" not in r]
+        seeds = [int(s) for s in FLAGS.lm_seeds]
         with ThreadPoolExecutor(FLAGS.parallel) as pool:
-            names = [f"{r['kind']}_{r['requested_vocab']}" for r in todo]
-            results = pool.map(lambda a: train_lm(*a), [(n, r["spec"], r["train_bytes_per_token"])
-                                                         for n, r in zip(names, todo)])
-            for r, res in zip(todo, results):
-                r.update(res)
-                print(f"{r['kind']} {r['vocab_size']}: LM {res}", flush=True)
+            runs = [(f"{r['kind']}_{r['requested_vocab']}", r["spec"], r["train_bytes_per_token"], s)
+                    for r in todo for s in seeds]
+            results = iter(list(pool.map(lambda a: train_lm(*a), runs)))
+            for r in todo:
+                r.update(lm_seeds(r, [next(results) for _ in seeds]))
     meta = {"corpus": "shakespeare", "validation_bytes": sum(len(t.encode("utf-8", "surrogateescape")) for t in valid),
             "validation_documents": len(valid), "documents_shared_with_train": 0,
             "encode_timing": ENCODE_TIMING + f"; machine load average {load_start:.1f} at the start, "

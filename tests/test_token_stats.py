@@ -1,0 +1,55 @@
+"""The tokenization statistics of benchmarks/gqvae_code_vs_prose.py, on hand-counted examples."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import token_stats  # noqa: E402
+
+
+@pytest.mark.parametrize("token, expected", [
+    ("the", "letters"), (" the", "space+letters"), ("snake_case", "identifier"), ("x2", "identifier"),
+    ("\n    ", "whitespace"), ("  ", "whitespace"), ("):", "punctuation"), (" ==", "punctuation"),
+    ("42", "digits"), ("e", "single byte"), ("\n", "single byte"), ("a.b", "other"),
+])
+def test_token_class(token, expected):
+    assert token_stats.token_class(token) == expected
+
+
+@pytest.mark.parametrize("left, right, expected", [
+    ("e", "S", "lower|Upper"), ("e", "_", "_|x or x|_"), ("_", "c", "_|x or x|_"), ("a", "b", "letter|letter"),
+    ("A", "b", "letter|letter"), ("x", "2", "letter|digit"), ("(", ")", "punct|punct"), (" ", "a", "other"),
+    ("é", "a", "other"),
+])
+def test_cut_context(left, right, expected):
+    assert token_stats.cut_context(left, right) == expected
+
+
+def test_analyse_counts_tokens_cuts_and_opportunities():
+    pieces = ["get_value", " theSame", "()", " a"]
+    tokens_of = [["get", "_", "value"], [" the", "Same"], ["()"], [" a"]]
+    stats = token_stats.analyse(pieces, tokens_of, top=3)
+    n_bytes, n_tokens = 9 + 8 + 2 + 2, 7
+    assert stats["bytes_per_token"] == pytest.approx(n_bytes / n_tokens)
+    # 3-10-byte pieces: get_value (cut), " theSame" (cut); "()" and " a" are 2 bytes.
+    assert stats["pretoken_cut_share"] == 1.0
+    # Inner positions of get_value: 4 letter|letter (g|e, e|t, v|a, a|l, l|u, u|e = 6), 2 at the underscore.
+    assert stats["cut_opportunities"]["_|x or x|_"] == 2
+    assert stats["cut_rate_by_context"]["_|x or x|_"] == 1.0
+    assert stats["cut_opportunities"]["lower|Upper"] == 1 and stats["cut_rate_by_context"]["lower|Upper"] == 1.0
+    # letter|letter: get_value 6, " theSame" t|h h|e S|a a|m m|e = 5; none cut.
+    assert stats["cut_opportunities"]["letter|letter"] == 11
+    assert stats["cut_rate_by_context"]["letter|letter"] == 0.0
+    assert stats["cut_rate_by_context"]["letter|digit"] is None
+    assert stats["token_classes"]["single byte"] == pytest.approx(1 / 7)
+    assert stats["token_classes"]["space+letters"] == pytest.approx(2 / 7)
+    assert [t for t, _ in stats["top_tokens"]] == ["get", "value", " the"]
+
+
+def test_analyse_works_in_bytes_for_non_ascii_text():
+    stats = token_stats.analyse(["café"], [["caf", "é"]], top=5)
+    assert stats["bytes_per_token"] == pytest.approx(5 / 2)
+    assert stats["cut_opportunities"]["other"] == 2  # f|0xc3 and 0xc3|0xa9
+    assert stats["cut_rate_by_context"]["other"] == 0.5
