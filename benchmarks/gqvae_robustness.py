@@ -5,6 +5,12 @@ validation metrics at the end: mean token length, share of 3-10-byte pieces cut 
 cuts, saturated gates, codes in use, byte accuracy.
 
     python benchmarks/gqvae_robustness.py --gates paper,bounded --weights 3,1 --targets 0,3 --seeds 0,1,2
+    python benchmarks/gqvae_robustness.py --steps 400 --warmup 100 --reseed_every 50 --batch_size 128 \
+      --gates bounded --targets 3.5 --weights 3 --seeds 0,1,2 --keep_dir workdirs/gqrob   # the CPU recipe, :cpu
+
+The flags --steps/--warmup/--reseed_every/--batch_size/--codebook replace the variant's schedule
+(defaults: a shrunk 100-step one); --corpus trains on another corpus; --keep_dir keeps each run's
+workdir (a checkpoint `gqlm.tokenize` reads) instead of a temporary one; a kept run re-run resumes.
 
 Prints the table and writes benchmarks/results/gqvae_robustness.json (one row per run, with the
 exact overrides and the logged curve of the collapse metrics).

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from gqlm.tokenizers.base import text_to_bytes
 
 CLASSES = ("letters", "space+letters", "identifier", "whitespace", "punctuation", "digits", "single byte", "other")
-CONTEXTS = ("lower|Upper", "_|x or x|_", "letter|letter", "letter|digit", "punct|punct", "other")
+CONTEXTS = ("lower|Upper", "letter|letter", "space|word", "digit|digit", "punct|punct", "other")
 
 
 def token_class(token: str) -> str:
@@ -31,17 +31,18 @@ def token_class(token: str) -> str:
 
 
 def cut_context(left: str, right: str) -> str:
-    """The class of a cut between ASCII characters `left` and `right` (see CONTEXTS; non-ASCII: other)."""
+    """The class of a cut between ASCII characters `left` and `right` (see CONTEXTS; non-ASCII: other).
+    GPT-2 pretokens (the GQ-VAE's) never hold letter|digit or an underscore next to a letter."""
     if not (left.isascii() and right.isascii()):
         return "other"
     if left.islower() and right.isupper():
         return "lower|Upper"
-    if "_" in (left, right) and (left + right).replace("_", "").isalnum():
-        return "_|x or x|_"
     if left.isalpha() and right.isalpha():
         return "letter|letter"
-    if (left.isalpha() and right.isdigit()) or (left.isdigit() and right.isalpha()):
-        return "letter|digit"
+    if left == " " and right.isalnum():
+        return "space|word"
+    if left.isdigit() and right.isdigit():
+        return "digit|digit"
     if not (left.isalnum() or left.isspace() or right.isalnum() or right.isspace()):
         return "punct|punct"
     return "other"

@@ -104,6 +104,9 @@ def test_experiment_smoke_variant_trains(tmp_path):
     assert (gate.gate_loss_weight, gate.codebook_size) == (1.5, 16384)
     robust = load_experiment("experiments/gqvae_shakespeare.py:v8k,robust").gqvae
     assert (robust.gate, robust.gate_target_len, robust.reseed_every) == ("bounded", 3.0, 25)
+    cpu = load_experiment("experiments/gqvae_shakespeare.py:cpu")
+    assert (cpu.gqvae.gate, cpu.gqvae.gate_target_len, cpu.gqvae.codebook_size, cpu.train.steps) == (
+        "bounded", 3.5, 4096, 400)
     paper = load_experiment("experiments/gqvae_shakespeare.py:paper,codebook=16384")
     assert (paper.gqvae.warmup_steps, paper.gqvae.reseed_every, paper.gqvae.codebook_size) == (500, 250, 16384)
     assert paper.train.steps == 15_000

@@ -19,9 +19,9 @@ def test_token_class(token, expected):
 
 
 @pytest.mark.parametrize("left, right, expected", [
-    ("e", "S", "lower|Upper"), ("e", "_", "_|x or x|_"), ("_", "c", "_|x or x|_"), ("a", "b", "letter|letter"),
-    ("A", "b", "letter|letter"), ("x", "2", "letter|digit"), ("(", ")", "punct|punct"), (" ", "a", "other"),
-    ("é", "a", "other"),
+    ("e", "S", "lower|Upper"), ("a", "b", "letter|letter"), ("A", "b", "letter|letter"), (" ", "a", "space|word"),
+    (" ", "7", "space|word"), ("4", "2", "digit|digit"), ("(", ")", "punct|punct"), ("x", "2", "other"),
+    ("e", "_", "other"), ("\n", " ", "other"), ("é", "a", "other"),
 ])
 def test_cut_context(left, right, expected):
     assert token_stats.cut_context(left, right) == expected
@@ -35,14 +35,16 @@ def test_analyse_counts_tokens_cuts_and_opportunities():
     assert stats["bytes_per_token"] == pytest.approx(n_bytes / n_tokens)
     # 3-10-byte pieces: get_value (cut), " theSame" (cut); "()" and " a" are 2 bytes.
     assert stats["pretoken_cut_share"] == 1.0
-    # Inner positions of get_value: 4 letter|letter (g|e, e|t, v|a, a|l, l|u, u|e = 6), 2 at the underscore.
-    assert stats["cut_opportunities"]["_|x or x|_"] == 2
-    assert stats["cut_rate_by_context"]["_|x or x|_"] == 1.0
+    # get_value: t|_ and _|v (other, both cut), g|e e|t v|a a|l l|u u|e (letter|letter, none cut).
+    assert stats["cut_opportunities"]["other"] == 2 and stats["cut_rate_by_context"]["other"] == 1.0
     assert stats["cut_opportunities"]["lower|Upper"] == 1 and stats["cut_rate_by_context"]["lower|Upper"] == 1.0
     # letter|letter: get_value 6, " theSame" t|h h|e S|a a|m m|e = 5; none cut.
     assert stats["cut_opportunities"]["letter|letter"] == 11
     assert stats["cut_rate_by_context"]["letter|letter"] == 0.0
-    assert stats["cut_rate_by_context"]["letter|digit"] is None
+    # space|word: " theSame" and " a", neither cut; punct|punct: "()", not cut.
+    assert stats["cut_opportunities"]["space|word"] == 2 and stats["cut_rate_by_context"]["space|word"] == 0.0
+    assert stats["cut_rate_by_context"]["punct|punct"] == 0.0
+    assert stats["cut_rate_by_context"]["digit|digit"] is None
     assert stats["token_classes"]["single byte"] == pytest.approx(1 / 7)
     assert stats["token_classes"]["space+letters"] == pytest.approx(2 / 7)
     assert [t for t, _ in stats["top_tokens"]] == ["get", "value", " the"]
