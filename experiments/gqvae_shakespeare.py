@@ -19,7 +19,7 @@ has its own Adam (`gqvae.learning_rate`, codebook x `gqvae.codebook_lr_multiplie
 
 Variants (combinable with commas, e.g. `:v8k,codebook=4096`):
 - `:cpu`: the CPU recipe: the 400-step schedule below with `:robust`'s bounded gate and its
-  token-rate term at 3.5 bytes; 3-8 min on the shared 2-core CPU. Its 4k tokenizer beats the
+  token-rate term at 3.5 bytes; 2-14 min on the shared 2-core CPU. Its 4k tokenizer beats the
   VQ-VAE's LM bits per byte and is within 5% of BPE's, and 3 seeds do not collapse
   (docs/gqvae.md, "The CPU recipe"). Not the paper's objective.
 - (none): a 4096-code model, 400 steps of 128 pieces; ~15 min on the shared 2-core CPU, far from
