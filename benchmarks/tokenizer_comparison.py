@@ -50,12 +50,9 @@ from __future__ import annotations
 
 import collections
 import gc
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,6 +63,7 @@ from gqlm.config import ConfigError, base_config
 from gqlm.data import corpora
 from gqlm.tokenizers import load_tokenizer
 from gqlm.tokenizers.bpe import BPETokenizer
+from lm_bpb import compare_module, lm_seeds, train_lm
 from timing import time_alternating, write_results
 
 flags.DEFINE_list("checkpoints", ["vqvae=workdirs/vqvae", "gqvae400=workdirs/gqvae", "gqvae16k=workdirs/gqvae_8k"],
@@ -84,8 +82,6 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices of this process (as gqlm.tra
                      "encoding spreads its model batches over min(devices, cores); 1 = one core")
 FLAGS = flags.FLAGS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPARE = "experiments/gqvae_lm_compare.py"
 
 
 def build(kind: str, vocab: int, train: list[str]) -> str:
@@ -227,52 +223,6 @@ def measure(spec: str, valid: list[str], train_head: str) -> dict[str, Any]:
             **row, "train_bytes_per_token": float(sizes[head].sum()) / len(head)}
 
 
-def train_lm(name: str, spec: str, bpt: float, seed: int = 0) -> dict[str, Any]:
-    """Runs the comparison LM with `seed`; returns its final validation metrics (reused if already run)."""
-    workdir = os.path.join(FLAGS.lm_dir, name if seed == 0 else f"{name}_seed{seed}")
-    exp = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, COMPARE))
-    module = importlib.util.module_from_spec(exp)
-    exp.loader.exec_module(module)
-    metrics_file = os.path.join(workdir, "metrics.jsonl")
-
-    def final():
-        if not os.path.exists(metrics_file):
-            return None
-        rows = [json.loads(line) for line in open(metrics_file)]
-        rows = [r for r in rows if r.get("split") == "validation" and r["step"] == module.STEPS]
-        return rows[-1] if rows else None
-
-    wall = None  # None: reused from an earlier run
-    if final() is None:
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-               "PYTHONPATH": ROOT}
-        cmd = [sys.executable, "-m", "gqlm.train", f"--config={COMPARE}:{spec},bpt={bpt:.4f}", f"--workdir={workdir}",
-               f"--config.seed={seed}"]
-        t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        wall = time.time() - t0
-        if r.returncode:
-            return {"lm_error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
-    row = final()
-    seq_len = max(8, round(module.BYTE_CONTEXT / bpt))
-    return {"seed": seed, "val_bpb": row["bpb"], "val_loss": row["loss"], "lm_seq_len": seq_len, "lm_wall_s": wall and round(wall, 1),
-            "lm_steps": module.STEPS, "lm_batch": module.BATCH,
-            "lm_train_bytes": module.STEPS * module.BATCH * seq_len * bpt}
-
-
-def lm_seeds(row: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row's LM results over seeds: the first run's fields, val_bpb their mean, each seed's kept."""
-    for res in results:
-        print(f"{row['kind']} {row['vocab_size']}: LM {res}", flush=True)
-    failed = [res for res in results if "lm_error" in res]
-    if failed:
-        return failed[0]
-    bpbs = [res["val_bpb"] for res in results]
-    return {**results[0], "val_bpb": statistics.mean(bpbs), "val_bpb_seeds": bpbs,
-            "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
-            "lm_seeds": [res["seed"] for res in results], "lm_wall_s": [res["lm_wall_s"] for res in results]}
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| tokenizer | vocab | bytes/token | cold encode MB/s, caches / none | per CPU-s, caches / none "
              "| warm MB/s | table hits | LM val bpb | LM seq_len (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -367,9 +317,7 @@ def main(argv: list[str]) -> None:
     data.corpus = "shakespeare"
     train = corpora.load_documents(data, "train")[:]
     valid = corpora.load_documents(data, "validation")[:]
-    exp = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, COMPARE))
-    compare = importlib.util.module_from_spec(exp)
-    exp.loader.exec_module(compare)
+    compare = compare_module()
     train_head = "".join(train)[:compare.MEASURE_BYTES]  # what the experiment measures bytes/token on
     shared = set(train) & set(valid)
     assert not shared, f"{len(shared)} documents are in both splits"  # the tokenizers see the train split only
@@ -387,7 +335,7 @@ def main(argv: list[str]) -> None:
         with ThreadPoolExecutor(FLAGS.parallel) as pool:
             runs = [(f"{r['kind']}_{r['requested_vocab']}", r["spec"], r["train_bytes_per_token"], s)
                     for r in todo for s in seeds]
-            results = iter(list(pool.map(lambda a: train_lm(*a), runs)))
+            results = iter(list(pool.map(lambda a: train_lm(FLAGS.lm_dir, *a), runs)))
             for r in todo:
                 r.update(lm_seeds(r, [next(results) for _ in seeds]))
     meta = {"corpus": "shakespeare", "validation_bytes": sum(len(t.encode("utf-8", "surrogateescape")) for t in valid),
