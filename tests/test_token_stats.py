@@ -1,4 +1,5 @@
-"""The tokenization statistics of benchmarks/gqvae_code_vs_prose.py, on hand-counted examples."""
+"""The tokenization statistics of benchmarks/gqvae_code_vs_prose.py, on hand-counted examples, and the
+tokenizer comparison's mean over LM seeds."""
 
 import os
 import sys
@@ -55,3 +56,14 @@ def test_analyse_works_in_bytes_for_non_ascii_text():
     assert stats["bytes_per_token"] == pytest.approx(5 / 2)
     assert stats["cut_opportunities"]["other"] == 2  # f|0xc3 and 0xc3|0xa9
     assert stats["cut_rate_by_context"]["other"] == 0.5
+
+
+def test_lm_seeds_averages_over_seeds_and_reports_the_first_failure():
+    import lm_bpb
+    row = {"kind": "bpe", "vocab_size": 4096}
+    runs = [{"seed": s, "val_bpb": b, "lm_wall_s": 1.0, "lm_seq_len": 81} for s, b in [(0, 2.7), (1, 2.9), (2, 2.8)]]
+    got = lm_bpb.lm_seeds(row, runs)
+    assert got["val_bpb"] == pytest.approx(2.8) and got["val_bpb_std"] == pytest.approx(0.1)
+    assert got["val_bpb_seeds"] == [2.7, 2.9, 2.8] and got["lm_seeds"] == [0, 1, 2] and got["lm_seq_len"] == 81
+    assert lm_bpb.lm_seeds(row, runs[:1])["val_bpb_std"] == 0.0
+    assert lm_bpb.lm_seeds(row, [runs[0], {"lm_error": "boom"}]) == {"lm_error": "boom"}
