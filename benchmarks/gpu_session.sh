@@ -5,6 +5,9 @@
 #   2. SOAP / AdamW step time on the same 125M model
 #   3. (PARTS="... gqvae") GQ-VAE tokenizer trainings far longer than the CPU allows; their parameters and
 #      metrics come back as tars
+#   4. (PARTS="... gqvae_table") the GQ-VAE robustness table's `:paper` rows: the paper's schedule
+#      (15,000 steps) x 3 seeds, with `:cpu`'s objective and with the paper's
+#      ($OUT/gqvae_robustness_paper.json, written after each run)
 #
 #   OUT=/tmp/out [PARTS="throughput soap gqvae"] bash benchmarks/gpu_session.sh            # on a machine with one GPU
 #
@@ -60,4 +63,15 @@ if [[ $PARTS == *" gqvae "* ]]; then  # the paper's schedule (500 warm-up steps,
   gqvae c16k experiments/gqvae_shakespeare.py "${paper[@]}" --config.gqvae.codebook_size=16384
   gqvae c16k_gate1 experiments/gqvae_shakespeare.py "${paper[@]}" --config.gqvae.codebook_size=16384 \
     --config.gqvae.gate_loss_weight=1.0
+fi
+
+if [[ $PARTS == *" gqvae_table "* ]]; then  # docs/gqvae.md, "At real length": the `:paper` schedule
+  for seed in 0 1 2; do
+    for objective in "--gates bounded --targets 3.5" "--gates paper --targets 0"; do
+      # shellcheck disable=SC2086  # $objective is two flags
+      step "gqvae_table_${seed}_${objective// /_}" "${GQVAE_TABLE_SECONDS:-400}" python3 benchmarks/gqvae_robustness.py \
+        --variant paper --steps 15000 --warmup 500 --reseed_every 250 --batch_size 256 --codebook 4096 \
+        --log_every 100 --weights 3 $objective --seeds "$seed" --append --out "$OUT/gqvae_robustness_paper.json"
+    done
+  done
 fi
