@@ -106,7 +106,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         if r["text"] == r["trained_on"]:
-            lines.append(f"\n{r['model']} on {r['text']}, top tokens: " + ", ".join(repr(t) for t, _ in r["top_tokens"]))
+            top = ", ".join(repr(t) for t, _ in r["top_tokens"])
+            lines.append(f"\n{r['model']} on {r['text']}, top tokens: {top}")
     return "\n".join(lines)
 
 

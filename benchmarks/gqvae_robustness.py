@@ -70,16 +70,16 @@ def run_config(setting: dict):
     return config
 
 
-def run_name(setting: dict) -> str:
-    return "_".join([FLAGS.corpus or "shakespeare", FLAGS.variant or "cpu"] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
-                                               for k, v in setting.items()])
+def run_name(corpus: str, setting: dict) -> str:
+    values = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in setting.items()]
+    return "_".join([corpus, FLAGS.variant or "cpu"] + values)
 
 
-def workdir_of(setting: dict):
+def workdir_of(corpus: str, setting: dict):
     """A temporary workdir, or a kept one under --keep_dir."""
     if not FLAGS.keep_dir:
         return tempfile.TemporaryDirectory()
-    path = os.path.join(FLAGS.keep_dir, run_name(setting))
+    path = os.path.join(FLAGS.keep_dir, run_name(corpus, setting))
     os.makedirs(path, exist_ok=True)
     return contextlib.nullcontext(path)
 
@@ -90,15 +90,17 @@ def one_run(task, setting: dict) -> dict:
     from gqlm.train.tasks.gqvae.collapse import WINDOW, CollapseMonitor, collapse_state
 
     task.monitor = CollapseMonitor()
-    with workdir_of(setting) as workdir:
+    config = run_config(setting)
+    with workdir_of(config.data.corpus, setting) as workdir:
         start = time.perf_counter()
-        final = train(run_config(setting), workdir, task)
+        final = train(config, workdir, task)
         seconds = time.perf_counter() - start
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     last = rows[-WINDOW:]
     verdict = collapse_state([r["pretoken_cut_share"] for r in last], [r["mean_token_len"] for r in last])
-    return {**setting, "corpus": run_config(setting).data.corpus, "steps": FLAGS.steps, "verdict": verdict, "train_s": seconds, "workdir": FLAGS.keep_dir and workdir,
+    return {**setting, "corpus": config.data.corpus, "steps": FLAGS.steps, "verdict": verdict, "train_s": seconds,
+            "workdir": FLAGS.keep_dir and workdir,
             "validation": {k: final[k] for k in ("mean_token_len", "pretoken_cut_share", "forced_cut_share",
                                                  "saturated_gates", "mean_gate", "codes_in_use", "byte_accuracy",
                                                  "loss")},

@@ -51,8 +51,8 @@ def train_lm(lm_dir: str, name: str, spec: str, bpt: float, seed: int = 0) -> di
             return {"lm_error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     row = final()
     seq_len = max(8, round(module.BYTE_CONTEXT / bpt))
-    return {"seed": seed, "val_bpb": row["bpb"], "val_loss": row["loss"], "lm_seq_len": seq_len, "lm_wall_s": wall and round(wall, 1),
-            "lm_steps": module.STEPS, "lm_batch": module.BATCH,
+    return {"seed": seed, "val_bpb": row["bpb"], "val_loss": row["loss"], "lm_seq_len": seq_len,
+            "lm_wall_s": wall and round(wall, 1), "lm_steps": module.STEPS, "lm_batch": module.BATCH,
             "lm_train_bytes": module.STEPS * module.BATCH * seq_len * bpt}
 
 

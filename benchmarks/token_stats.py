@@ -4,6 +4,7 @@ most frequent tokens (benchmarks/gqvae_code_vs_prose.py; flag-free, so tests imp
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Any, Sequence
 
 from gqlm.tokenizers.base import text_to_bytes
@@ -61,7 +62,7 @@ def analyse(pieces: Sequence[str], tokens_of: Sequence[Sequence[str]], top: int)
         n_bytes, n_tokens = n_bytes + size, n_tokens + len(tokens)
         classes.update(map(token_class, tokens))
         strings.update(t for t in tokens if len(text_to_bytes(t)) > 1)
-        ends = set(_cumulative(len(text_to_bytes(t)) for t in tokens)[:-1])
+        ends = set(itertools.accumulate(len(text_to_bytes(t)) for t in tokens)) - {size}
         for i in range(1, size):
             context = cut_context(chr(data[i - 1]), chr(data[i]))
             chances[context] += 1
@@ -74,10 +75,3 @@ def analyse(pieces: Sequence[str], tokens_of: Sequence[Sequence[str]], top: int)
             "cut_opportunities": {c: chances[c] for c in CONTEXTS},
             "top_tokens": [[t, n] for t, n in strings.most_common(top)]}
 
-
-def _cumulative(lengths) -> list[int]:
-    out, total = [], 0
-    for n in lengths:
-        total += n
-        out.append(total)
-    return out

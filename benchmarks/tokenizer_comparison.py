@@ -231,7 +231,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['kind']} | {r['requested_vocab']} | - | - | - | - | - | - | {r['error']} |")
             continue
         bpb = f"{r['val_bpb']:.3f}" if "val_bpb" in r else r.get("lm_error", "-")
-        bpb += f" ± {r['val_bpb_std']:.3f} ({len(r['val_bpb_seeds'])} seeds)" if len(r.get("val_bpb_seeds", [])) > 1 else ""
+        seeds = len(r.get("val_bpb_seeds", []))
+        bpb += f" ± {r['val_bpb_std']:.3f} ({seeds} seeds)" if seeds > 1 else ""
         speed = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
         hits = f"{100 * r['table_hit_fraction']:.1f}%" if "table_hit_fraction" in r else "-"
         lines.append(f"| {r['kind']} | {r['vocab_size']} | {r['bytes_per_token']:.3f} | "
