@@ -12,6 +12,10 @@ GQLM_DISTRIBUTED=auto forces jax's auto-detection, =off disables all of this; GQ
 jax aborts the whole process (LOG(FATAL)) when the coordinator cannot be reached in time, so we
 check reachability ourselves first (a ConfigError naming the address) and keep a watchdog that
 ends the process with one line if the rendezvous still does not complete.
+
+gloo (the CPU collectives) advertises the address this machine's hostname resolves to, which on
+many hosts is unreachable (a container's odd /etc/hosts, a NAT address). With gqlm's variables we
+advertise instead the local address of the route to the coordinator: the one the others can reach.
 """
 
 from __future__ import annotations
@@ -114,6 +118,37 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
+def route_address(address: str) -> str | None:
+    """This host's address on the route to `address` (host:port), or None when there is no route.
+
+    A UDP socket's connect only looks up the route (no packet is sent), so this is instant.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, target = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(target)
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _advertise_gloo_address(hostname: str) -> None:
+    """Makes the CPU backend's gloo collectives advertise `hostname` (jax has no public option)."""
+    from jax._src import distributed as jax_distributed
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+
+    if xla_bridge.backends_are_initialized():
+        return  # too late: jax.distributed.initialize raises its own error for this
+
+    def make_cpu_client():  # called lazily, after jax.distributed.initialize made the client
+        collectives = _jax.make_gloo_tcp_collectives(jax_distributed.global_state.client, hostname=hostname)
+        return xla_bridge.make_cpu_client(collectives)
+
+    xla_bridge.register_backend_factory("cpu", make_cpu_client, priority=0, fail_quietly=False)
+
+
 def _describe(plan: Plan) -> str:
     if plan.kind == "gqlm":
         return f"coordinator {plan.coordinator} ({ENV_COORDINATOR}) with {plan.num_processes} processes"
@@ -149,6 +184,8 @@ def maybe_initialize(initialization_timeout: float | None = None) -> None:
     timeout = float(initialization_timeout or os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
     # CPU collectives across processes need gloo (the default does none); harmless on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if plan.kind == "gqlm" and (hostname := route_address(plan.coordinator)):
+        _advertise_gloo_address(hostname)
     start = time.monotonic()
     if plan.kind == "gqlm" and plan.process_id != 0:
         wait_for_coordinator(plan.coordinator, timeout)

@@ -352,6 +352,8 @@ def test_explicit_processes_turn_off_jax_cluster_detection(monkeypatch, ids, exp
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    advertised = []
+    monkeypatch.setattr(distributed, "_advertise_gloo_address", advertised.append)
     env = {"GQLM_COORDINATOR_ADDRESS": "10.0.0.1:1234", "GQLM_NUM_PROCESSES": "2", "GQLM_PROCESS_ID": "0",
            "GQLM_LOCAL_DEVICE_IDS": ids, "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
@@ -361,3 +363,12 @@ def test_explicit_processes_turn_off_jax_cluster_detection(monkeypatch, ids, exp
     [(args, kwargs)] = calls
     assert args == ("10.0.0.1:1234", 2, 0)
     assert kwargs["cluster_detection_method"] == "deactivate" and kwargs["local_device_ids"] == expected
+    assert advertised == [a for a in [distributed.route_address("10.0.0.1:1234")] if a]
+
+
+def test_gloo_advertises_the_address_on_the_route_to_the_coordinator():
+    """Not what the hostname resolves to: in some containers that address is unreachable (CI saw it)."""
+    from gqlm.distributed import route_address
+    assert route_address("127.0.0.1:1234") == "127.0.0.1"
+    assert route_address("localhost:1234") in ("127.0.0.1", "::1")
+    assert route_address("no-such-host.invalid:1234") is None
