@@ -79,6 +79,14 @@ def test_grad_accumulation_matches_one_big_batch():
     assert_trees_close(params, reference_params, rtol=1e-5)
 
 
+def test_accumulate_gradients_gives_each_microbatch_its_rows_and_its_index():
+    """Row r goes to microbatch r % 2; the index (which keys the router jitter) differs per microbatch."""
+    from gqlm.train.step import accumulate_gradients
+    rows = np.arange(6, dtype=np.float32)
+    total = accumulate_gradients(lambda micro, i: micro["x"].sum() * 10.0 ** i, {"x": rows}, 2)
+    assert float(total) == (0 + 2 + 4) + 10 * (1 + 3 + 5)
+
+
 def test_params_are_sharded_not_replicated():
     exp = build_experiment(smoke_config(**{"mesh.data": 2, "mesh.fsdp": 4}), LMTask())
     with jax.set_mesh(exp.mesh):

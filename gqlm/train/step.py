@@ -63,11 +63,11 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
 
 
 def accumulate_gradients(grad_fn: Callable, batch: Batch, num_micro: int) -> Any:
-    """Sums `grad_fn(microbatch)` (values and grads) over `num_micro` microbatches with a scan."""
-    micros = split_microbatches(batch, num_micro)
-    shapes = jax.eval_shape(grad_fn, jax.tree.map(lambda x: x[0], micros))
+    """Sums `grad_fn(microbatch, index)` (values and grads) over `num_micro` microbatches with a scan."""
+    micros = split_microbatches(batch, num_micro), jnp.arange(num_micro)
+    shapes = jax.eval_shape(grad_fn, *jax.tree.map(lambda x: x[0], micros))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    step = lambda carry, micro: (jax.tree.map(jnp.add, carry, grad_fn(micro)), None)
+    step = lambda carry, micro: (jax.tree.map(jnp.add, carry, grad_fn(*micro)), None)
     return jax.lax.scan(step, zeros, micros)[0]
 
 
@@ -111,10 +111,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         batch = count_first(batch, total_tokens)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        # Router jitter noise, fresh each step (state.rng is folded with the step below).
+        # Router jitter noise, fresh each step (state.rng is folded with the step below) and each microbatch.
         jitter_key = jax.random.split(state.rng)[1] if jitter else None
+        micro_key = lambda i: jax.random.fold_in(jitter_key, i) if jitter else None  # noqa: E731
         (loss, (sums, aux)), grads = accumulate_gradients(
-            lambda micro: grad_fn(state.params, micro, total_tokens, jitter_key), batch, grad_accum)
+            lambda micro, i: grad_fn(state.params, micro, total_tokens, micro_key(i)), batch, grad_accum)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step is not applied: the state (and so a `stop` checkpoint) stays the last good one.
