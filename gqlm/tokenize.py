@@ -41,6 +41,8 @@ _INPUT = flags.DEFINE_multi_string("input", None, "Raw corpus files (globs, loca
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "--input: the text field of jsonl records and parquet rows.")
 _FORMAT = flags.DEFINE_string("format", "", "--input: force one format (default: by extension).")
 _SAMPLE = flags.DEFINE_integer("sample_bytes", 1 << 30, "--input: bytes of text the tokenizer learns from.")
+_ON_BAD = flags.DEFINE_enum("on_bad_record", "raise", sources.ON_BAD_RECORD,
+                            "--input: raise: stop at a malformed record; skip: leave it out (as gqlm.prepare's).")
 _HELD_OUT = 0.005  # gqlm.prepare's default validation fraction
 
 
@@ -76,7 +78,7 @@ def input_documents() -> tuple[Iterator[str], list[str]]:
 
     def train() -> Iterator[str]:
         for text in sources.sample_documents(sources.expand(_INPUT.value), _SAMPLE.value, _TEXT_KEY.value,
-                                             _FORMAT.value):
+                                             _FORMAT.value, _ON_BAD.value):
             if is_validation(text, _HELD_OUT):
                 held_out.append(text)
             else:
@@ -91,6 +93,8 @@ def main(argv: Sequence[str]) -> None:
     if not _OUT.value:
         raise ConfigError("--out is required")
     if _INPUT.value:
+        if _SAMPLE.value <= 0:
+            raise ConfigError(f"--sample_bytes={_SAMPLE.value} must be positive")
         train, validation = input_documents()
         where = f"{len(validation)} held-out documents of the --input sample"
     else:

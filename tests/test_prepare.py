@@ -170,6 +170,48 @@ def test_a_failed_input_leaves_no_shard_and_a_rerun_finishes_identically(corpus,
             assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
 
 
+def test_rerunning_a_finished_prepare_returns_the_same_meta(corpus, tmp_path):
+    # epath's rename refused an existing meta.json: the documented "re-running resumes" crashed
+    # with a FileExistsError traceback once a run had finished, and left a .tmp-meta.json behind.
+    root, docs = corpus
+    spec = Spec((str(root / "a.jsonl"), str(root / "e.txt")), "byte", validation_fraction=0.1)
+    out = tmp_path / "out"
+    first = prepare(spec, str(out))
+    (out / ".tmp-meta.json-999999").write_text("{")  # a killed run's half-written meta
+    assert prepare(spec, str(out)) == first == json.loads((out / "meta.json").read_text())
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_compressed_text_files_are_decompressed_and_other_compressions_refused(tmp_path):
+    # A .txt.gz / .txt.zst input was tokenized as its compressed bytes, silently.
+    text = "plain text, é 日本 🙂\r\nsecond line\x00\n" * 50
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "b.zst").write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    (tmp_path / "c.txt").write_text(text, newline="")
+    files = [str(tmp_path / n) for n in ("a.txt.gz", "b.zst", "c.txt")]
+    prepare(Spec(tuple(files), "byte", validation_fraction=0.0), str(tmp_path / "out"))
+    assert [(ids.tolist(), n) for ids, n in read_split(tmp_path / "out", "train")] == [
+        (list(text.encode()), len(text.encode()))] * 3
+    (tmp_path / "d.txt.bz2").write_bytes(b"BZh9 whatever")
+    with pytest.raises(sources.SourceError, match=r"d.txt.bz2: .bz2 files are not read") as info:
+        prepare(Spec((files[0], str(tmp_path / "d.txt.bz2")), "byte"), str(tmp_path / "out2"))
+    assert "\n" not in str(info.value) and not (tmp_path / "out2").exists()  # refused before OUT is made
+    (tmp_path / "e.txt.gz").write_bytes(b"not gzip")
+    with pytest.raises(sources.SourceError, match="e.txt.gz: unreadable txt.gz file"):
+        list(sources.read_documents(str(tmp_path / "e.txt.gz"), 0))
+
+
+def test_a_bad_input_stops_the_pool_without_preparing_every_other_input(tmp_path):
+    # The pool's `with` waited for every queued input before the first error came out.
+    (tmp_path / "00.jsonl").write_text("not json\n")
+    for i in range(1, 25):
+        (tmp_path / f"{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in random_docs(300)))
+    spec = Spec(tuple(sorted(str(p) for p in tmp_path.glob("*.jsonl"))), "byte")
+    with pytest.raises(sources.SourceError, match="00.jsonl:1: malformed JSON"):
+        prepare(spec, str(tmp_path / "out"), workers=2)
+    assert len(os.listdir(tmp_path / "out" / "_done")) < 24 - 4  # at most the running and queued (workers + 1)
+
+
 def test_another_spec_on_the_same_out_is_refused(corpus, tmp_path):
     root, docs = corpus
     prepare(Spec((str(root / "e.txt"),), "byte"), str(tmp_path / "out"))
@@ -236,6 +278,26 @@ def test_tokenize_cli_learns_a_bpe_from_a_streamed_sample(corpus, tmp_path):
     tok = BPETokenizer.load(str(tmp_path / "bpe"))
     assert 300 < tok.vocab_size <= 400  # the sample's few words allow fewer merges than asked
     assert tok.decode(tok.encode("the king é 🙂")) == "the king é 🙂"
+
+
+def test_tokenize_cli_bad_vocab_is_one_line_and_bad_records_can_be_skipped(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the king and the queen"}\nnot json\n' * 20)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def tokenize(*args):
+        return subprocess.run([sys.executable, "-m", "gqlm.tokenize", "--kind=bpe", f"--input={bad}",
+                               f"--out={tmp_path / 'bpe'}", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    result = tokenize("--vocab_size=100", "--on_bad_record=skip")  # was a ValueError traceback, exit 1
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
+    assert "vocab_size=100 must lie in" in result.stderr and not (tmp_path / "bpe").exists()
+    result = tokenize("--vocab_size=300", "--on_bad_record=skip")  # the flag gqlm.prepare has (it had none)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from gqlm.tokenizers.bpe import BPETokenizer
+    tok = BPETokenizer.load(str(tmp_path / "bpe"))
+    assert len(tok.encode("the king and the queen")) < len("the king and the queen")  # learned from the good lines
 
 
 @pytest.mark.slow

@@ -101,6 +101,25 @@ def test_mixture_token_shares_hold_their_weights(sources):
     assert abs(np.mean(source_B == 1) - 0.3) < 0.01
 
 
+def test_a_stream_shorter_than_train_steps_is_refused_up_front(sources):
+    # It ended in a bare StopIteration traceback at that step of training (gqlm.train, checked by hand).
+    (a, (tokens, _)), (b, _) = sources
+    batches = (len(tokens) - 1) // 32 // 16  # one epoch of alpha's full rows, in whole batches of 16
+    config = data_config(a, num_epochs=1)
+    config.unlock()
+    config.train.steps = batches + 1
+    with pytest.raises(ConfigError, match=f"ends after {batches} batches .* before train.steps={batches + 1}"):
+        pipeline.make_train_iterator(config, TOK, 0, 1)
+    config.train.steps = batches
+    it = pipeline.make_train_iterator(config, TOK, 0, 1)
+    assert len(take(it, batches)) == batches
+    with pytest.raises(StopIteration):
+        next(it)
+    config.data.sources, config.train.steps = f"{a}=0.5,{b}=0.5", 1000  # the mixture ends with beta's epoch
+    with pytest.raises(ConfigError, match="data.num_epochs=1: the training stream of alpha, beta ends after"):
+        pipeline.make_train_iterator(config, TOK, 0, 1)
+
+
 def test_bad_sources_are_refused(sources, tmp_path):
     (a, _), _ = sources
     with pytest.raises(ConfigError, match="is not a prepared corpus"):

@@ -152,3 +152,34 @@ def test_load_tokenizer_errors(tmp_path, bpe):
         json.dump({**content, "format_version": 99}, f)
     with pytest.raises(ConfigError, match=f"data.tokenizer.*{bpe_dir}.*format_version"):
         load_tokenizer(f"bpe:{bpe_dir}")
+
+
+def test_bpe_vocab_size_bounds_and_an_empty_corpus_are_config_errors():
+    # A raw ValueError (vocab below 259), a Rust abort asking for 141 GB (vocab 2e9), and a bare-byte
+    # tokenizer saved as if trained (no text) were what these gave.
+    from gqlm.tokenizers.bpe import MAX_VOCAB
+    for vocab_size in (100, 258, MAX_VOCAB + 1, 2_000_000_000):
+        with pytest.raises(ConfigError, match=f"vocab_size={vocab_size} must lie in"):
+            train_bpe(["some text"], vocab_size)
+    for texts in ([], [""], ["", ""]):
+        with pytest.raises(ConfigError, match="got no text"):
+            train_bpe(texts, 300)
+    assert train_bpe(["ab"] * 3, 259).vocab_size == 259  # the smallest vocabulary: bytes + specials
+
+
+def test_a_broken_or_foreign_bpe_file_names_the_directory(tmp_path, bpe):
+    import tokenizers
+    from tokenizers import models
+    directory = str(tmp_path / "bpe")
+    bpe.save(directory)
+    file = os.path.join(directory, "tokenizer.json")
+    foreign = tokenizers.Tokenizer(models.WordLevel({"\u2581hello": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
+    for content in (None, "{", '{"model": 1}', foreign):  # missing, cut, not a tokenizer, not byte-level
+        if content is None:
+            os.remove(file)
+        else:
+            with open(file, "w") as f:
+                f.write(content)
+        with pytest.raises(ConfigError, match=f"data.tokenizer: '{file}' is not a readable byte-level BPE") as info:
+            load_tokenizer(f"bpe:{directory}")
+        assert "\n" not in str(info.value)

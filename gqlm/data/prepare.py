@@ -59,10 +59,11 @@ def is_validation(text: str, fraction: float) -> bool:
 
 
 def _write_json(path: epath.Path, value: Any) -> None:
-    """Atomic: a temporary file renamed over the target."""
+    """Atomic: a temporary file renamed over the target (`replace`: epath's `rename` refuses an
+    existing target, and a re-run rewrites meta.json, a Beam retry a marker)."""
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     tmp.write_text(json.dumps(value, indent=1))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,7 +116,7 @@ def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
 def start(spec: Spec, out: str) -> list[int]:
     """Creates OUT (or checks that it holds this spec's run) and returns the inputs still to do."""
     root = epath.Path(out)
-    for sub in (DONE, *SPLITS):
+    for sub in ("", DONE, *SPLITS):
         (root / sub).mkdir(parents=True, exist_ok=True)
         for stale in (root / sub).glob(".tmp-*"):  # parts of a killed run: never listed, now removed
             stale.unlink()
@@ -141,8 +142,14 @@ def run_local(spec: Spec, out: str, pending: Sequence[int], workers: int) -> Non
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(prepare_input, spec, out, i) for i in pending]):
-            future.result()  # the first error stops the run (its input keeps no marker)
+        futures = [pool.submit(prepare_input, spec, out, i) for i in pending]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()  # the first error stops the run (its input keeps no marker)
+        except BaseException:
+            # else leaving `with` waited for every queued input: a bad first file was reported after all the rest
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def run_beam(spec: Spec, out: str, pending: Sequence[int], beam_options: Sequence[str]) -> None:
@@ -200,6 +207,8 @@ def prepare(spec: Spec, out: str, runner: str = "local", workers: int = 1,
         raise ConfigError(f"--validation_fraction={spec.validation_fraction} must lie in [0, 1)")
     check_choice("--on_bad_record", spec.on_bad_record, sources.ON_BAD_RECORD)
     check_choice("--runner", runner, RUNNERS)
+    for path in spec.inputs:  # an unreadable format fails now, before OUT is made
+        sources.format_of(path, spec.format)
     pending = start(spec, out)
     if runner == "beam":
         run_beam(spec, out, pending, beam_options)

@@ -186,8 +186,13 @@ def row_batches(splits: list[PreparedSplit], weights: list[float], config: Confi
 def make_train_iterator(config: ConfigDict, tokenizer: Tokenizer, splits: list[PreparedSplit],
                         weights: list[float], lo: int, hi: int) -> grain.DatasetIterator:
     """Host-local batches (rows [lo, hi) of every global batch) of the mixture of `splits`."""
-    d = config.data
-    ds = row_batches(splits, weights, config).map(FetchRows(splits, d.seq_len, tokenizer.pad_id, lo, hi))
+    d, batches = config.data, row_batches(splits, weights, config)
+    if len(batches) < config.train.steps:  # else next() raised a bare StopIteration mid-run, at that batch
+        raise ConfigError(f"data.num_epochs={d.num_epochs}: the training stream of {', '.join(s.name for s in splits)} "
+                          f"ends after {len(batches)} batches of data.batch_size={d.batch_size}, before "
+                          f"train.steps={config.train.steps}; raise data.num_epochs (a mixture ends when one "
+                          "of its sources has been read num_epochs times)")
+    ds = batches.map(FetchRows(splits, d.seq_len, tokenizer.pad_id, lo, hi))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if d.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))

@@ -1,4 +1,4 @@
-"""Readers of raw corpora: documents streamed from text, jsonl(.gz/.zst) and parquet files.
+"""Readers of raw corpora: documents streamed from text and jsonl (each optionally .gz/.zst) and parquet files.
 
 Paths are local or remote (`gs://...`, through etils epath); a glob expands to its files in
 sorted order. Every reader streams: memory is one parquet row group or one line at a time,
@@ -7,7 +7,8 @@ its line (jsonl), row (parquet) or 0 (a text file is one document).
 
 Bad records (a malformed jsonl line, a non-string text field) raise SourceError naming the file
 and line, or with `on_bad_record="skip"` are skipped and counted. Files that cannot be read at
-all (a corrupt gzip or zstd stream, a parquet file without the text column) always raise.
+all (a corrupt gzip or zstd stream, a parquet file without the text column, a .bz2 or .zip file)
+always raise.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from etils import epath
 
 from gqlm.config import ConfigError
 
-FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt")
+FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "txt.gz", "txt.zst")
+# Compressions and archives no reader here opens: refused by name, never tokenized as if text.
+_UNREAD = (".bz2", ".xz", ".lzma", ".lz4", ".zip", ".7z", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".br", ".zstd",
+           ".parquet.gz", ".parquet.zst")
 ON_BAD_RECORD = ("raise", "skip")
 
 
@@ -41,15 +45,22 @@ class Document(NamedTuple):
 
 
 def format_of(path: str, forced: str = "") -> str:
-    """The file's format: `forced`, else by extension (`.txt` and unknown extensions are text)."""
+    """The file's format: `forced`, else by extension: `.jsonl`, `.parquet`, else text (one document
+    per file); `.gz` / `.zst` after either name is decompressed, other compressions are refused."""
     if forced:
         if forced not in FORMATS:
             raise ConfigError(f"--format={forced!r} must be one of {', '.join(FORMATS)}")
         return forced
-    for fmt in ("jsonl.gz", "jsonl.zst", "jsonl", "parquet"):
-        if path.endswith("." + fmt):
-            return fmt
-    return "txt"
+    name = path.lower()
+    if name.endswith(_UNREAD):
+        suffix = next(e for e in _UNREAD if name.endswith(e))
+        raise SourceError(f"{path}: {suffix} files are not read (formats: .jsonl and text, each optionally .gz or "
+                          ".zst, and .parquet); --format=txt reads its raw bytes as text")
+    if name.endswith(".parquet"):
+        return "parquet"
+    compression = next((c for c in ("gz", "zst") if name.endswith("." + c)), "")
+    base = "jsonl" if name.removesuffix("." + compression).endswith(".jsonl") else "txt"
+    return f"{base}.{compression}" if compression else base
 
 
 def check_remote(path: str, flag: str) -> None:
@@ -94,9 +105,13 @@ def read_documents(path: str, file_index: int, text_key: str = "text", fmt: str 
     bad = bad if bad is not None else Counter()
     if fmt == "parquet":
         yield from _parquet_documents(path, file_index, text_key, on_bad_record, bad)
-    elif fmt == "txt":
-        with epath.Path(path).open("rb") as f:
-            yield Document(file_index, 0, f.read().decode("utf-8", "surrogateescape"))
+    elif fmt.startswith("txt"):
+        try:
+            with _open_bytes(path, fmt) as f:
+                data = f.read()
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+            raise SourceError(f"{path}: unreadable {fmt} file ({type(e).__name__}: {e})") from None
+        yield Document(file_index, 0, data.decode("utf-8", "surrogateescape"))
     else:
         yield from _jsonl_documents(path, file_index, text_key, fmt, on_bad_record, bad)
 
@@ -128,14 +143,19 @@ def _jsonl_documents(path: str, file_index: int, text_key: str, fmt: str, on_bad
         raise SourceError(f"{path}: unreadable {fmt} stream ({type(e).__name__}: {e})") from None
 
 
+def _open_bytes(path: str, fmt: str) -> io.RawIOBase:
+    """The file's bytes, decompressed on the fly (by the format's `.gz` / `.zst` suffix)."""
+    raw = epath.Path(path).open("rb")
+    if fmt.endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=raw)
+    elif fmt.endswith(".zst"):
+        raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+    return raw
+
+
 def _open_lines(path: str, fmt: str) -> io.TextIOBase:
     """A text stream of the file's lines, decompressed on the fly (bounded memory)."""
-    raw = epath.Path(path).open("rb")
-    if fmt == "jsonl.gz":
-        raw = gzip.GzipFile(fileobj=raw)
-    elif fmt == "jsonl.zst":
-        raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
+    return io.TextIOWrapper(_open_bytes(path, fmt), encoding="utf-8", errors="surrogateescape", newline="\n")
 
 
 def _parquet_documents(path: str, file_index: int, text_key: str, on_bad_record: str,

@@ -9,6 +9,7 @@ HF vocabulary, so no text can ever produce them (HF would match special-token st
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Iterable, Iterator, Sequence
@@ -17,11 +18,15 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gqlm.config import ConfigError
 from gqlm.tokenizers.base import (
-    bytes_to_text, fingerprint_of, has_surrogates, read_manifest, text_to_bytes, write_manifest)
+    TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates, read_manifest, text_to_bytes, write_manifest)
 
 FORMAT_VERSION = 1
 HF_FILE = "tokenizer.json"
+# HF's trainer allocates tables of vocab_size entries up front (~70 bytes each): vocab_size=2e9
+# aborted the process asking for 141 GB. No model's vocabulary comes near this bound.
+MAX_VOCAB = 1 << 22
 _UNDECODABLE = re.compile("([\udc80-\udcff]+)")
 
 
@@ -121,7 +126,12 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str) -> "BPETokenizer":
         read_manifest(path, cls.kind, FORMAT_VERSION)
-        return cls(tokenizers.Tokenizer.from_file(os.path.join(path, HF_FILE)))
+        file = os.path.join(path, HF_FILE)
+        try:  # HF raises a bare Exception ("EOF while parsing") that names no file
+            return cls(tokenizers.Tokenizer.from_file(file))
+        except Exception as e:  # a missing, cut or foreign (not byte-level: KeyError) tokenizer.json
+            raise TokenizerDirError(f"data.tokenizer: {file!r} is not a readable byte-level BPE "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
@@ -134,15 +144,20 @@ def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | None = None) -> BPETokenizer:
     """Trains a byte-level BPE with `vocab_size` ids in all (3 of them BOS/EOS/PAD)."""
-    if vocab_size < 256 + 3:
-        raise ValueError(f"BPE vocab_size={vocab_size} must be at least 259 (256 bytes + 3 specials)")
+    if not 256 + 3 <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"BPE vocab_size={vocab_size} must lie in [259, {MAX_VOCAB}] (256 bytes + 3 specials "
+                          "at least)")
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 3, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[], show_progress=False)
-    hf.train_from_iterator(_training_pieces(texts), trainer=trainer)
+    pieces = (piece for piece in _training_pieces(texts) if piece)
+    first = next(pieces, None)
+    if first is None:  # an empty corpus or sample: a tokenizer of bare bytes, saved as if trained, hid it
+        raise ConfigError("BPE training got no text (the corpus or its sample is empty)")
+    hf.train_from_iterator(itertools.chain([first], pieces), trainer=trainer)
     tok = BPETokenizer(hf)
     if out_dir:
         tok.save(out_dir)
