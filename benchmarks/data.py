@@ -11,7 +11,9 @@ parquet shards (half each). Parts (ratios are measured in this one run):
   its workers summed) on the small vs the large corpus;
 - `pipeline`: tokens/s of the training input pipeline alone (seq 2048, batch 16, one host) and
   its RSS every 1,000 batches;
-- `train`: the share of step time the loop waits for data on `tiny_cpu` (metrics.jsonl).
+- `train`: the share of step time the loop waits for data on `tiny_cpu` (metrics.jsonl);
+- `long_document` (not run by default): one text file of `--long_doc_mb` as a single document:
+  prepare's peak RSS, and the pipeline's tokens/s on it over that on the short documents.
 Writes a table and `benchmarks/results/data.json`.
 """
 
@@ -39,6 +41,8 @@ flags.DEFINE_float("large_gb", 2.0, "Size of the large generated corpus (memory 
 flags.DEFINE_enum("memory_tokenizer", "bpe", ["bpe", "byte"], "Tokenizer of the memory part's two prepares.")
 flags.DEFINE_list("parts", ["prepare", "memory", "pipeline", "train"], "Parts to run.")
 flags.DEFINE_integer("pipeline_batches", 10_000, "Batches the pipeline part reads.")
+flags.DEFINE_float("long_doc_mb", 64, "Size of the long_document part's one-document text file.")
+flags.DEFINE_integer("long_doc_batches", 300, "Batches the long_document part reads from each corpus.")
 flags.DEFINE_string("work", os.path.join(tempfile.gettempdir(), "gqlm_data_bench"), "Scratch directory.")
 flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "data.json"), "JSON results.")
 FLAGS = flags.FLAGS
@@ -218,23 +222,50 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def part_pipeline(prepared_dir: str, bpe_dir: str) -> dict:
+def read_batches(prepared_dir: str, tokenizer: str, num_batches: int) -> dict:
+    """tokens/s and RSS (every 1,000 batches) of the training input pipeline alone, seq 2048, batch 16."""
     from gqlm.config import base_config
     from gqlm.data.pipeline import make_train_iterator
     from gqlm.tokenizers import load_tokenizer
     config = base_config()
-    config.data.update({"corpus": "prepared", "sources": prepared_dir, "tokenizer": f"bpe:{bpe_dir}",
+    config.data.update({"corpus": "prepared", "sources": prepared_dir, "tokenizer": tokenizer,
                         "seq_len": 2048, "batch_size": 16})
     it = make_train_iterator(config, load_tokenizer(config.data.tokenizer), 0, 1)
     next(it)
     rss, start = [rss_mb()], time.perf_counter()
-    for i in range(1, FLAGS.pipeline_batches + 1):
+    for i in range(1, num_batches + 1):
         next(it)
         if i % 1000 == 0:
             rss.append(rss_mb())
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": FLAGS.pipeline_batches * 16 * 2048 / seconds, "rss_mb_every_1000_batches": rss,
+    return {"tokens_per_s": num_batches * 16 * 2048 / seconds, "rss_mb_every_1000_batches": rss,
             "rss_growth_mb": rss[-1] - rss[1] if len(rss) > 1 else 0.0}
+
+
+def part_pipeline(prepared_dir: str, bpe_dir: str) -> dict:
+    return read_batches(prepared_dir, f"bpe:{bpe_dir}", FLAGS.pipeline_batches)
+
+
+def part_long_document(prepared_byte_dir: str) -> dict:
+    """One text file of --long_doc_mb as a single document, against the corpus of short documents:
+    prepare's peak RSS, and the pipeline's tokens/s on each (a row reads only its own records)."""
+    directory = os.path.join(FLAGS.work, f"long_{FLAGS.long_doc_mb}")
+    path = os.path.join(directory, "long.txt")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        words, (start, successor), cumulative = bigram_model()
+        chain = markov_text(words, start, successor, cumulative, 2_000_000, np.random.default_rng(2))
+        with open(path + ".tmp", "w") as f:
+            for _ in range(int(FLAGS.long_doc_mb * 1e6 / len(chain)) + 1):
+                f.write(chain + "\n")
+        os.replace(path + ".tmp", path)
+    r = prepare([path], "byte", os.path.join(directory, "prepared"), 1)
+    long_read = read_batches(os.path.join(directory, "prepared"), "byte", FLAGS.long_doc_batches)
+    short_read = read_batches(prepared_byte_dir, "byte", FLAGS.long_doc_batches)
+    return {"document_mb": r["text_mb"], "records": r["meta"]["splits"]["train"]["records"],
+            "prepare_mb_s": r["mb_s"], "prepare_peak_rss_mb": r["peak_rss_mb"],
+            "long_tokens_per_s": long_read["tokens_per_s"], "short_docs_tokens_per_s": short_read["tokens_per_s"],
+            "long_over_short": long_read["tokens_per_s"] / short_read["tokens_per_s"]}
 
 
 def part_train(prepared_byte_dir: str) -> dict:
@@ -261,15 +292,19 @@ def main(argv: list[str]) -> None:
     if "memory" in FLAGS.parts:
         large = generate(os.path.join(FLAGS.work, f"corpus_{FLAGS.large_gb}"), FLAGS.large_gb, seed=1)
         results["memory"] = part_memory(small, large, bpe_dir)
-    if "pipeline" in FLAGS.parts or "train" in FLAGS.parts:
+    if {"pipeline", "train", "long_document"} & set(FLAGS.parts):
         byte_dir, bpe_prepared = (os.path.join(FLAGS.work, f"prep_{n}") for n in ("byte_1", "bpe32k_2"))
         for directory, spec in ((byte_dir, "byte"), (bpe_prepared, f"bpe:{bpe_dir}")):
+            if spec != "byte" and "pipeline" not in FLAGS.parts:
+                continue
             if not os.path.exists(os.path.join(directory, "meta.json")):
                 prepare(small, spec, directory, 2)
         if "pipeline" in FLAGS.parts:
             results["pipeline"] = part_pipeline(bpe_prepared, bpe_dir)
         if "train" in FLAGS.parts:
             results["train"] = part_train(byte_dir)
+        if "long_document" in FLAGS.parts:
+            results["long_document"] = part_long_document(byte_dir)
     for part, values in results.items():
         if isinstance(values, dict):
             print(f"\n{part}")

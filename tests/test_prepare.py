@@ -98,7 +98,8 @@ def test_documents_in_equal_documents_out_and_the_split_follows_the_hash(corpus,
     assert len(meta["splits"]["train"]["shards"]) > len(files)  # rolled over at shard_bytes
     for shard in meta["splits"]["train"]["shards"]:  # the index: cumulative stream length with BOS/EOS
         index = np.load(tmp_path / "out" / (shard["name"] + ".index.npy"))
-        assert index[-1] == shard["tokens"] + 2 * shard["documents"]
+        assert index[-1, 0] == shard["tokens"] + 2 * shard["documents"]
+        assert index[-1, 1] == shard["documents"] - 1 and len(index) == shard["records"]
 
 
 def test_bpe_shards_decode_to_the_documents(corpus, tmp_path):
@@ -151,11 +152,11 @@ def test_a_failed_input_leaves_no_shard_and_a_rerun_finishes_identically(corpus,
     real = prepare_lib.ShardWriter.add
     calls = {"n": 0}
 
-    def failing_add(self, ids, num_bytes):  # dies inside the parquet file, mid-shard
+    def failing_add(self, *args):  # dies inside the parquet file, mid-shard
         calls["n"] += 1
         if calls["n"] == 400:
             raise KeyboardInterrupt("killed")
-        return real(self, ids, num_bytes)
+        return real(self, *args)
 
     monkeypatch.setattr(prepare_lib.ShardWriter, "add", failing_add)
     with pytest.raises(KeyboardInterrupt):

@@ -147,3 +147,52 @@ def test_training_on_a_mixture_reports_bpb_per_source(sources, tmp_path):
     assert {"bpb", "bpb/alpha", "bpb/beta"} <= set(metrics)
     assert min(float(metrics["bpb/alpha"]), float(metrics["bpb/beta"])) <= float(metrics["bpb"])
     assert float(metrics["bpb"]) <= max(float(metrics["bpb/alpha"]), float(metrics["bpb/beta"]))
+
+
+def test_long_documents_are_cut_into_records_and_windows_read_only_a_few(tmp_path, monkeypatch):
+    """A document longer than RECORD_TOKENS is stored in pieces (so a training row never reads a
+    whole long document) and the stream is unchanged: the reference is built from the texts."""
+    from gqlm.data import shards
+    monkeypatch.setattr(shards, "RECORD_TOKENS", 50)
+    lengths = [0, 3, 49, 50, 51, 120, 400, 7, 1000, 2]
+    texts = ["".join(RNG.choice(list("abc\n é"), n)) for n in lengths]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "long"
+    meta = prepare(Spec((str(tmp_path / "long.jsonl"),), "byte", validation_fraction=0.0, shard_bytes=1_500), str(out))
+    ids = [list(text_to_bytes(t)) for t in texts]
+    tokens, doc_ids = packing.concat_documents(ids, TOK.bos_id, TOK.eos_id)
+    train = meta["splits"]["train"]
+    assert train["documents"] == len(texts) and train["tokens"] == sum(map(len, ids))
+    assert train["records"] >= sum(max(1, -(-len(i) // 50)) for i in ids) and train["records"] > len(texts)
+    split = prepared.PreparedSplit(str(out), "train", prepared.read_meta(str(out), TOK))
+    assert len(split.paths) > 1 and split.length == len(tokens)
+    assert all(len(r) <= 50 for r in split.records(range(split.num_records)))
+    read = []
+    real_records = split.records
+    monkeypatch.setattr(split, "records", lambda indices: read.extend(real_records(indices)) or read[-len(indices):])
+    for start in range(0, len(tokens), 7):
+        read.clear()
+        got_tokens, got_docs = split.window(start, 33)
+        np.testing.assert_array_equal(got_tokens, tokens[start:start + 33])
+        np.testing.assert_array_equal(got_docs, doc_ids[start:start + 33])
+        assert sum(map(len, read)) <= 33 + 2 * 50  # the window's records only, never a whole long document
+    texts_back = list(prepared.document_texts([split], [1.0], TOK))
+    assert "".join(texts_back) == "".join(texts)  # GQ-VAE training reads the records' pieces
+    assert max(map(len, texts_back)) <= 50 // 4 and len(texts_back) > len(texts)  # each a text piece
+
+
+def test_text_pieces_cut_where_bpe_would_and_encode_the_same(tmp_path):
+    from gqlm.data.prepare import text_pieces
+    from gqlm.tokenizers.bpe import train_bpe
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(["the ", "cat ", "sat\n", "on\n\n", "é ", "mat. ", "  so", "x\r\n", "a\tb"], 3000))
+    bpe = train_bpe([text], 300)
+    for limit in (7, 60, 200):
+        pieces = list(text_pieces(text, limit))
+        assert "".join(pieces) == text and all(len(p) <= limit for p in pieces)
+        assert len(pieces) >= len(text) // limit
+        if limit >= 60:  # room for a pretokenizer cut in every piece (at 7, some fall back to plain cuts)
+            assert sum((bpe.encode(p) for p in pieces), []) == bpe.encode(text), limit
+    assert list(text_pieces("x" * 450, 200)) == ["x" * 200, "x" * 200, "x" * 50]  # nowhere to cut: cut anyway
+    assert list(text_pieces("ab\ncd ef", 4)) == ["ab\n", "cd", " ef"]
+    assert list(text_pieces("ab\n\ncd ef", 6)) == ["ab\n\ncd", " ef"]  # not after "\n\n" (one pretoken alone)

@@ -23,7 +23,7 @@ from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.config.data import PREPARED, parse_sources
 from gqlm.data import corpora, packing, prepared, synthetic
-from gqlm.data.prepare import META, SPLITS, prepare_documents
+from gqlm.data.prepare import FORMAT_VERSION, META, SPLITS, prepare_documents
 from gqlm.tokenizers.base import Tokenizer, fingerprint_of
 
 Batch = dict[str, np.ndarray]
@@ -33,7 +33,8 @@ def builtin_prepared(data_config: ConfigDict, tokenizer: Tokenizer) -> str:
     """The prepared directory of a built-in corpus under this tokenizer, prepared on first use."""
     d = data_config
     splits = [s for s in SPLITS if corpora.has_split(d, s)]
-    key = fingerprint_of(d.corpus, *(corpora.corpus_fingerprint(d, s) for s in splits), tokenizer.fingerprint())
+    key = fingerprint_of(d.corpus, *(corpora.corpus_fingerprint(d, s) for s in splits), tokenizer.fingerprint(),
+                         str(FORMAT_VERSION))  # a new format gets a new copy, not a refusal of the old
     root = os.path.join(corpora.data_dir_of(d), "gqlm_prepared")
     out = os.path.join(root, f"{d.corpus}-{key}")
     if not os.path.exists(os.path.join(out, META)):

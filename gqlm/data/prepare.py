@@ -18,19 +18,20 @@ import hashlib
 import json
 import multiprocessing
 import os
-from typing import Any, Iterable, NamedTuple, Sequence
+import re
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from etils import epath
 
 from gqlm.config import ConfigError
 from gqlm.config.errors import check_choice
-from gqlm.data import sources
+from gqlm.data import shards, sources
 from gqlm.data.shards import ShardWriter
 from gqlm.tokenizers import load_tokenizer
 from gqlm.tokenizers.base import Tokenizer, text_to_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: long documents cut into records of at most RECORD_TOKENS (data/shards.py)
 META, SPEC, DONE = "meta.json", "prepare.json", "_done"
 SPLITS = ("train", "validation")
 RUNNERS = ("local", "beam")
@@ -71,27 +72,51 @@ def _tokenizer(spec: str) -> Tokenizer:
     return load_tokenizer(spec)  # once per worker process
 
 
+# Where byte-level pretokenizers (GPT-2's regex) cut anyway, whatever comes after: after a single
+# newline between non-spaces, or before a single space between non-spaces. (After "\n\n" they
+# do not: at the end of a piece the two newlines would become one pretoken.)
+_PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def text_pieces(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, cut where the pretokenizer cuts (where the
+    piece has such a place), so the pieces encode to the ids of the whole."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = end
+        for match in _PIECE_CUT.finditer(text, start + 1, end + 2):  # +2: the lookahead sees 2 characters
+            if match.start() <= end:
+                cut = match.start()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def write_shards(tok: Tokenizer, documents: Iterable[tuple[str, str]], out: str, index: int,
                  shard_bytes: int) -> dict[str, list[dict[str, Any]]]:
     """Encodes (text, split) pairs in batches into input `index`'s shards of each split; returns
     their counts. On any error the part being written is removed."""
     writers = {s: ShardWriter(str(epath.Path(out) / s), index, shard_bytes) for s in SPLITS}
-    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    pending: dict[str, list[tuple[str, bool]]] = {s: [] for s in SPLITS}  # (piece, starts a document)
     chars = dict.fromkeys(SPLITS, 0)
 
     def flush(split: str) -> None:
-        texts = pending[split]
-        for text, ids in zip(texts, tok.encode_batch(texts)):
-            writers[split].add(np.asarray(ids, np.uint32), len(text_to_bytes(text)))
-        texts.clear()
+        pieces = pending[split]
+        for (text, first), ids in zip(pieces, tok.encode_batch([text for text, _ in pieces])):
+            writers[split].add(np.asarray(ids, np.uint32), len(text_to_bytes(text)), first)
+        pieces.clear()
         chars[split] = 0
 
     try:
         for text, split in documents:
-            pending[split].append(text)
-            chars[split] += len(text)
-            if len(pending[split]) >= ENCODE_BATCH or chars[split] >= ENCODE_CHARS:
-                flush(split)
+            # A piece of RECORD_TOKENS / 4 characters has at most RECORD_TOKENS byte-level tokens:
+            # one record each, so records decode to text pieces on their own (document_texts).
+            for k, piece in enumerate(text_pieces(text, shards.RECORD_TOKENS // 4)):
+                pending[split].append((piece, k == 0))
+                chars[split] += len(piece)
+                if len(pending[split]) >= ENCODE_BATCH or chars[split] >= ENCODE_CHARS:
+                    flush(split)
         for split in SPLITS:
             flush(split)
         return {s: [w._asdict() for w in writers[s].finish()] for s in SPLITS}
@@ -178,7 +203,7 @@ def write_meta(out: str, tok: Tokenizer, tokenizer_spec: str, shards_per_input: 
     splits = {}
     for split in SPLITS:
         shards = [dict(shard, name=f"{split}/{shard['name']}") for per in shards_per_input for shard in per[split]]
-        totals = {k: sum(s[k] for s in shards) for k in ("documents", "tokens", "bytes")}
+        totals = {k: sum(s[k] for s in shards) for k in ("documents", "records", "tokens", "bytes")}
         splits[split] = {**totals, "shards": shards}
     meta = {"format_version": FORMAT_VERSION, **fields, "tokenizer": tokenizer_spec,
             "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,

@@ -58,6 +58,7 @@ class PreparedSplit:
         self.paths = [str(epath.Path(directory) / s["name"]) for s in shards]
         docs = np.array([s["documents"] for s in shards], np.int64)
         self.doc_base = np.concatenate([[0], np.cumsum(docs)])
+        self.record_base = np.concatenate([[0], np.cumsum([s["records"] for s in shards], dtype=np.int64)])
         self.shard_start = np.concatenate([[0], np.cumsum(np.array([s["tokens"] for s in shards], np.int64) + 2 * docs)])
         self.length = int(self.shard_start[-1])
         self.bos, self.eos = meta["bos_id"], meta["eos_id"]
@@ -67,14 +68,29 @@ class PreparedSplit:
         return {**self.__dict__, "_source": None, "_index": {}}
 
     def index(self, shard: int) -> np.ndarray:
+        """The shard's [records, 2] index (data/shards.py): stream end, document."""
         if shard not in self._index:
             self._index[shard] = np.load(self.paths[shard] + INDEX_SUFFIX, mmap_mode="r")
         return self._index[shard]
 
-    def documents(self, indices: Sequence[int]) -> list[np.ndarray]:
+    def records(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """The token ids of records `indices` (counted over the split's shards)."""
         if self._source is None:
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return [decode_record(self._source[int(i)])[0] for i in indices]
+
+    def _stream(self, shard: int, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, global document ids) of the shard's stream over its records first..last: BOS
+        before a document's first record, EOS after its last."""
+        docs, r = self.index(shard)[:, 1], np.arange(first, last + 1)
+        n = len(docs)
+        starts = (r == 0) | (docs[r] != docs[np.maximum(r - 1, 0)])
+        ends = (r == n - 1) | (docs[r] != docs[np.minimum(r + 1, n - 1)])
+        base = self.record_base[shard]
+        parts = [np.concatenate([[self.bos]] * int(starts[k]) + [piece] + [[self.eos]] * int(ends[k])).astype(np.int32)
+                 for k, piece in enumerate(self.records(range(base + first, base + last + 1)))]
+        ids = [np.full(len(part), self.doc_base[shard] + docs[first + k], np.int64) for k, part in enumerate(parts)]
+        return np.concatenate(parts), np.concatenate(ids)
 
     def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, document ids) of stream[start : start + length], shorter at the stream's end."""
@@ -82,15 +98,12 @@ class PreparedSplit:
         pos = start
         while pos < end:
             shard = int(np.searchsorted(self.shard_start, pos, side="right")) - 1
-            ends = self.index(shard)
+            ends = self.index(shard)[:, 0]
             local, local_end = pos - self.shard_start[shard], min(end, self.shard_start[shard + 1]) - self.shard_start[shard]
             first = int(np.searchsorted(ends, local, side="right"))
             last = int(np.searchsorted(ends, local_end - 1, side="right"))
-            docs = self.documents(range(self.doc_base[shard] + first, self.doc_base[shard] + last + 1))
+            stream, ids = self._stream(shard, first, last)
             item_start = int(ends[first - 1]) if first else 0
-            stream = np.concatenate([np.concatenate([[self.bos], d, [self.eos]]) for d in docs]).astype(np.int32)
-            ids = np.concatenate([np.full(len(d) + 2, self.doc_base[shard] + first + k, np.int64)
-                                  for k, d in enumerate(docs)])
             lo, hi = local - item_start, local_end - item_start
             tokens.append(stream[lo:hi])
             doc_ids.append(ids[lo:hi])
@@ -102,6 +115,10 @@ class PreparedSplit:
     @property
     def num_documents(self) -> int:
         return int(self.doc_base[-1])
+
+    @property
+    def num_records(self) -> int:
+        return int(self.record_base[-1])
 
     def rows(self, seq_len: int, full: bool = True) -> int:
         return packing.num_full_rows(self.length, seq_len) if full else packing.num_rows_covering(self.length, seq_len)
@@ -210,18 +227,19 @@ def eval_batches(split: PreparedSplit, seq_len: int, batch_size: int, pad_id: in
 
 def document_texts(splits: list[PreparedSplit], weights: list[float], tokenizer: Tokenizer,
                    chunk: int = 64) -> Iterator[str]:
-    """The splits' documents as text (decoded with the tokenizer that prepared them), interleaved
-    so that each source's share of the characters read so far follows its weight: however early
-    the reader stops (a GQ-VAE keeps a fixed number of pieces), the mixture holds. Deterministic."""
-    next_doc, read = [0] * len(splits), [0] * len(splits)
-    live = [i for i, s in enumerate(splits) if s.num_documents]
+    """The splits' documents as text (decoded with the tokenizer that prepared them; a document
+    longer than a record comes in its records' pieces), interleaved so that each source's share of
+    the characters read so far follows its weight: however early the reader stops (a GQ-VAE keeps a
+    fixed number of pieces), the mixture holds. Deterministic."""
+    next_record, read = [0] * len(splits), [0] * len(splits)
+    live = [i for i, s in enumerate(splits) if s.num_records]
     while live:
         i = min(live, key=lambda j: (read[j] / weights[j], j))
-        split, start = splits[i], next_doc[i]
-        next_doc[i] = end = min(start + chunk, split.num_documents)
-        for ids in split.documents(range(start, end)):
+        split, start = splits[i], next_record[i]
+        next_record[i] = end = min(start + chunk, split.num_records)
+        for ids in split.records(range(start, end)):
             text = tokenizer.decode(ids.tolist())
             read[i] += len(text)
             yield text
-        if end == split.num_documents:
+        if end == split.num_records:
             live.remove(i)

@@ -1,16 +1,19 @@
 """The prepared-corpus file format: ArrayRecord shards of tokenized documents.
 
-`OUT/<split>/<input:05d>-<part:04d>.array_record`: one record per document, in input order: an
-8-byte little-endian count of the document's UTF-8 bytes, then its token ids as uint32 (no BOS or
-EOS: the reader adds them). Beside each shard, `.index.npy` holds, after each document, the
-cumulative length of the shard's token stream `[bos] doc [eos] [bos] doc [eos] ...` (int64, so
-each document counts its tokens + 2), memory-mapped by the reader to find the documents of any
-window of the split's stream without reading them all.
+`OUT/<split>/<input:05d>-<part:04d>.array_record`: documents in input order, each as one or more
+records of at most RECORD_TOKENS tokens (a long document is cut, so reading any window of the
+stream reads a bounded amount). A record is an 8-byte little-endian count of UTF-8 bytes (the
+document's bytes on its first record, 0 on the others), then its token ids as uint32 (no BOS or
+EOS: the reader adds them). Beside each shard, `.index.npy` holds one row per record, int64:
+  [0] the cumulative length of the shard's token stream `[bos] doc [eos] [bos] doc [eos] ...` after
+      the record (a document counts its tokens + 2, its first record the BOS, its last the EOS);
+  [1] the record's document, counted from the shard's first.
+The reader memory-maps it to find the records of any window without reading the others. A shard
+holds whole documents: a new part starts only between documents.
 
 A shard is written to a temporary file and published by rename, so a shard's name never points
 to a half-written file (on a bucket, a temporary local file is uploaded: objects appear whole).
 """
-
 from __future__ import annotations
 
 import os
@@ -25,6 +28,7 @@ from etils import epath
 SHARD_SUFFIX = ".array_record"
 INDEX_SUFFIX = ".index.npy"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads only that record
+RECORD_TOKENS = 1 << 16  # 256 KiB of ids: a training row reads at most a few such records
 _HEADER = struct.Struct("<Q")
 
 
@@ -47,6 +51,14 @@ class ShardStats(NamedTuple):
     documents: int
     tokens: int
     bytes: int
+    records: int
+
+
+def stream_index(lengths: np.ndarray, documents: np.ndarray) -> np.ndarray:
+    """The `.index.npy` rows of records with `lengths` tokens belonging to `documents` (module doc)."""
+    first = np.r_[True, documents[1:] != documents[:-1]]
+    last = np.r_[documents[1:] != documents[:-1], True]
+    return np.stack([np.cumsum(lengths + first + last), documents], axis=1).astype(np.int64)
 
 
 def publish(local: str, destination: str) -> None:
@@ -67,16 +79,23 @@ class ShardWriter:
         self.stats: list[ShardStats] = []
         self._writer = None
 
-    def add(self, ids: np.ndarray, num_bytes: int) -> None:
+    def add(self, ids: np.ndarray, num_bytes: int, first: bool = True) -> None:
+        """Appends a document's tokens (`first`: a new document; else more of the last one's)."""
+        if first and self._writer is not None and self._size >= self.max_bytes:
+            self._close()  # only between documents: a shard holds whole documents
         if self._writer is None:
+            if not first:
+                raise ValueError("a shard's first record must start a document")
             self._open()
-        record = encode_record(ids, num_bytes)
-        self._writer.write(record)
-        self._lengths.append(len(ids))
+        self._documents += first
+        for start in range(0, max(len(ids), 1), RECORD_TOKENS):
+            piece = ids[start:start + RECORD_TOKENS]
+            record = encode_record(piece, num_bytes if start == 0 else 0)
+            self._writer.write(record)
+            self._lengths.append(len(piece))
+            self._document_of.append(self._documents - 1)
+            self._size += len(record)
         self._bytes += num_bytes
-        self._size += len(record)
-        if self._size >= self.max_bytes:
-            self._close()
 
     def _open(self) -> None:
         # Beside the shard when local (a rename within one file system); hidden from any listing.
@@ -84,7 +103,7 @@ class ShardWriter:
         fd, self._tmp = tempfile.mkstemp(suffix=SHARD_SUFFIX, prefix=".tmp-", dir=local_dir)
         os.close(fd)
         self._writer = ArrayRecordWriter(self._tmp, WRITER_OPTIONS)
-        self._lengths, self._bytes, self._size = [], 0, 0
+        self._lengths, self._document_of, self._documents, self._bytes, self._size = [], [], 0, 0, 0
 
     def _close(self) -> None:
         self._writer.close()
@@ -92,10 +111,10 @@ class ShardWriter:
         name = shard_name(self.input_index, len(self.stats))
         final = os.path.join(self.directory, name)
         index_tmp = self._tmp + INDEX_SUFFIX
-        np.save(index_tmp, np.cumsum(np.asarray(self._lengths, np.int64) + 2))
+        np.save(index_tmp, stream_index(np.asarray(self._lengths, np.int64), np.asarray(self._document_of, np.int64)))
         publish(index_tmp, final + INDEX_SUFFIX)  # the index first: a published shard always has one
         publish(self._tmp, final)
-        self.stats.append(ShardStats(name, len(self._lengths), int(sum(self._lengths)), self._bytes))
+        self.stats.append(ShardStats(name, self._documents, int(sum(self._lengths)), self._bytes, len(self._lengths)))
 
     def finish(self) -> list[ShardStats]:
         if self._writer is not None:
