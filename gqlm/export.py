@@ -5,12 +5,12 @@ Writes a training workdir's checkpoint as a Hugging Face model directory: `confi
 `transformers.AutoModelForCausalLM` / `AutoTokenizer` load without custom code. Dense models
 become LlamaForCausalLM, all-MoE models MixtralForCausalLM; what neither can express (ALiBi,
 NoPE, a shared expert, MoE on some layers only, capacity dispatch, the GQ-VAE tokenizer) is
-refused before the checkpoint is read, with one line naming the config key (exit 2).
-See docs/interop.md.
+refused before the checkpoint is read, with one line naming the config key (exit 2). So is an
+`--out` holding files an export does not write (another model's shards would load beside it); the
+files are written next to `--out` and moved in only when all are complete. See docs/interop.md.
 """
 
 import functools
-import os
 
 import jax
 from absl import flags
@@ -34,8 +34,7 @@ def checked(config: ConfigDict, overrides: dict) -> ConfigDict:
 def main(argv: list[str]) -> None:
     if not FLAGS.workdir or not FLAGS.out:
         cli.fail("--workdir and --out are required")
-    if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
-        cli.fail(f"--out={FLAGS.out!r} exists and is not a directory")
+    hf.check_out_dir(FLAGS.out, "--out")  # before the checkpoint is read
     edit = functools.partial(checked, overrides=cli.overrides())
     exp, step, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step, edit)
     with jax.set_mesh(exp.mesh):

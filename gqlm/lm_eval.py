@@ -74,6 +74,9 @@ def main(argv: list[str]) -> None:
         cli.fail(f"gqlm.lm_eval needs lm-evaluation-harness ({MISSING_EXTRA} is missing): pip install -e .[eval]")
     if not FLAGS.workdir or not FLAGS.tasks:
         cli.fail("--workdir and --tasks are required")
+    for name, low in (("limit", 1), ("batch_size", 1), ("num_fewshot", 0)):  # lm-eval fails on these deep inside
+        if FLAGS[name].value is not None and FLAGS[name].value < low:
+            cli.fail(f"--{name}={FLAGS[name].value} must be >= {low}")
     if FLAGS.include_path and not os.path.isdir(FLAGS.include_path):
         cli.fail(f"--include_path={FLAGS.include_path!r} is not a directory")
     if FLAGS.output and os.path.isdir(FLAGS.output):

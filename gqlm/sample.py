@@ -6,6 +6,7 @@ cache, models/decode.py) and printed one after another, separated by a `---` lin
 """
 
 import functools
+import math
 
 import jax
 from absl import flags
@@ -28,8 +29,10 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         cli.fail("--workdir is required")
-    if FLAGS.temperature < 0 or FLAGS.top_k < 0 or FLAGS.num_tokens < 1:
-        cli.fail("--temperature and --top_k must be >= 0 and --num_tokens >= 1")
+    if not 0 <= FLAGS.temperature < math.inf:  # also refuses nan, which would sample garbage
+        cli.fail(f"--temperature={FLAGS.temperature} must be finite and >= 0 (0: greedy)")
+    if FLAGS.top_k < 0 or FLAGS.num_tokens < 1:
+        cli.fail("--top_k must be >= 0 and --num_tokens >= 1")
     edit = functools.partial(apply_overrides, overrides=cli.overrides())
     exp, _, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step, edit)
     with jax.set_mesh(exp.mesh):

@@ -96,6 +96,10 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS.workdir or not FLAGS.out:
         cli.fail("--workdir and --out are required")
+    if FLAGS.batches is not None and FLAGS.batches < 1:  # 0 or less would write a file of zero scores
+        cli.fail(f"--batches={FLAGS.batches} must be >= 1 (leave it out to score the whole split)")
+    if os.path.isdir(FLAGS.out):  # checked before the (long) scoring, not by pyarrow after it
+        cli.fail(f"--out={FLAGS.out!r} is a directory; give the path of a Parquet file")
     exp, step, state = restore_trained(FLAGS.workdir, LMTask(), FLAGS.step,
                                        lambda saved: checked_config(saved, FLAGS.workdir, cli.overrides()))
     with jax.set_mesh(exp.mesh):

@@ -221,3 +221,34 @@ def _drive(cases_path: str, results_path: str) -> None:
 
 if __name__ == "__main__":
     _drive(sys.argv[1], sys.argv[2])
+
+
+def test_bad_input_to_the_export_score_and_sample_commands(tmp_path, trained_workdir):
+    """As above, for flags of gqlm.export / gqlm.score / gqlm.sample: refused before the checkpoint is
+    read, and neither the workdir nor the --out path changes."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model-00001-of-00002.safetensors").write_text("another model")
+    out_dir = tmp_path / "out_dir"
+    out_dir.mkdir()
+    table = [("gqlm.export", ["--out", str(foreign)], "'model-00001-of-00002.safetensors'", foreign),
+             ("gqlm.score", ["--out", str(out_dir)], "is a directory", out_dir),
+             ("gqlm.score", ["--out", str(tmp_path / "s.parquet"), "--batches=0"], "--batches=0",
+              tmp_path / "s.parquet"),
+             ("gqlm.sample", ["--temperature=nan"], "--temperature=nan", tmp_path / "unused")]
+    runs = []
+    for i, (module, args, culprit, out) in enumerate(table):
+        workdir = str(tmp_path / f"trained_{i}")
+        shutil.copytree(trained_workdir, workdir)
+        runs.append({"module": module, "argv": ["--workdir", workdir, *args], "culprit": culprit, "out": str(out),
+                     "before": (tree_digest(workdir), tree_digest(str(out))), "workdir": workdir})
+    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
+    cases_file.write_text(json.dumps(runs))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    for run, result in zip(runs, json.loads(results_file.read_text()), strict=True):
+        lines = [line for line in result["stderr"].splitlines() if line.strip()]
+        assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
+        assert (tree_digest(run["workdir"]), tree_digest(run["out"])) == tuple(run["before"]), run

@@ -114,6 +114,18 @@ def test_sampling_top_k_one_is_greedy_and_seeds_repeat():
     assert ((a >= 0) & (a < V)).all()
 
 
+def test_top_k_of_the_vocabulary_or_more_is_plain_sampling():
+    """k >= V keeps every id (lax.top_k refused k > V): the draw is the untruncated tempered softmax's."""
+    logits_BV = jax.random.normal(jax.random.key(1), (3, V))
+    key = jax.random.key(2)
+    want = jax.random.categorical(key, logits_BV / 0.7, axis=-1)
+    for k in (V, V + 1, 10 * V):
+        np.testing.assert_array_equal(decode.next_token(logits_BV, key, 0.7, k), want)
+    graphdef, params = split_model(model_cfg())
+    np.testing.assert_array_equal(greedy(graphdef, params, temperature=1.5, top_k=10 * V),
+                                  greedy(graphdef, params, temperature=1.5, top_k=0))
+
+
 def test_vocab_limit_keeps_padding_ids_out_of_greedy_and_sampled_output():
     """The embedding is padded past the tokenizer's vocabulary: with vocab_limit those ids are
     never emitted, and greedy equals the full forward's argmax over the real ids."""

@@ -162,11 +162,11 @@ def test_exported_tokenizer_gives_gqlm_ids(tmp_path, kind):
 # ----------------------------------------------------------------------------- transformers -> gqlm
 
 
-def save_hf_model(kind, out, **overrides):
+def save_hf_model(kind, out, seed=0, max_shard_size=None, **overrides):
     """A random tiny Llama / Mixtral saved by transformers, norm weights perturbed too."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     shape = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=300.0, rms_norm_eps=1e-5, initializer_range=0.2,
                  max_position_embeddings=64)
@@ -180,7 +180,7 @@ def save_hf_model(kind, out, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return str(out)
 
 
@@ -211,6 +211,23 @@ def test_import_matches_transformers(tmp_path, kind, tie, mesh_sizes):
     error = np.max(np.abs(ours - hf_logits(hf_dir, ids)))
     print(f"{kind} import (tied={tie}): max abs logit error {error:.2e} (logits std {np.std(ours):.2f})")
     assert error <= TOLERANCE
+
+
+@pytest.mark.parity
+def test_import_reads_shards_and_prefers_model_safetensors_as_transformers_does(tmp_path):
+    """A sharded checkpoint (index + shards) imports; a directory holding both a model.safetensors
+    and a (stale) index of other shards gives the weights transformers loads: model.safetensors'."""
+    import shutil
+    sharded = save_hf_model("llama", tmp_path / "sharded", seed=1, max_shard_size="20KB")
+    assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 1
+    both = save_hf_model("llama", tmp_path / "both")
+    for name in os.listdir(sharded):
+        if name.startswith("model-") or name == "model.safetensors.index.json":
+            shutil.copy(os.path.join(sharded, name), both)
+    ids = random_ids(96)
+    for hf_dir in (sharded, both):
+        m, params = import_sharded(hf_dir)
+        assert np.max(np.abs(gqlm_logits(m, jax.device_get(params), ids) - hf_logits(hf_dir, ids))) <= TOLERANCE
 
 
 @pytest.mark.parametrize("moe,overrides", [(False, {}), (True, {"tie_embeddings": False}),
@@ -268,6 +285,30 @@ def test_export_refuses_the_gqvae_tokenizer():
     config.data.tokenizer = "gqvae:/some/dir"
     with pytest.raises(ConfigError, match=r"data\.tokenizer.*'gqvae'"):
         hf.check_exportable(config)
+
+
+def test_export_into_an_existing_directory(tmp_path, monkeypatch):
+    """A previous export is replaced byte for byte by a fresh one; a directory with other files is
+    refused untouched; an export that fails half-way leaves neither files nor a directory behind."""
+    m = tiny_model()
+    first, second = random_params(m, seed=0), random_params(m, seed=1)
+    again, fresh = export(m, first, tmp_path / "again"), export(m, second, tmp_path / "fresh")
+    export(m, second, again)  # a previous export's directory: replaced
+    for name in hf.EXPORT_FILES:
+        with open(os.path.join(again, name), "rb") as a, open(os.path.join(fresh, name), "rb") as b:
+            assert a.read() == b.read(), name
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds 'model\.safetensors\.index\.json'"):
+        export(m, first, tmp_path / "other")
+    assert os.listdir(tmp_path / "other") == ["model.safetensors.index.json"]
+
+    def broken(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(hf.hf_tokenizer, "export_tokenizer", broken)  # the last file written
+    with pytest.raises(OSError, match="disk full"):
+        export(m, first, tmp_path / "failed")
+    assert sorted(os.listdir(tmp_path)) == ["again", "fresh", "other"]
 
 
 def write_config(hf_dir, **changes):

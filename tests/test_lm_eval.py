@@ -260,6 +260,15 @@ def test_cli_refuses_an_unknown_task_before_loading_the_model(workdir, tmp_path)
     assert not out.exists() and sorted(os.listdir(workdir)) == before
 
 
+@pytest.mark.parametrize("flag", ["--limit=0", "--batch_size=0", "--num_fewshot=-1"])
+def test_cli_refuses_counts_out_of_range_before_loading_the_model(tmp_path, flag):
+    empty, out = tmp_path / "empty", tmp_path / "out.json"  # no checkpoints: the flag is checked first
+    empty.mkdir()
+    done = run_cli("--workdir", str(empty), "--tasks", "gqlm_shakespeare_mc", "--output", str(out), flag)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert flag in done.stderr and not out.exists()
+
+
 def test_cli_without_the_eval_extra_says_how_to_install_it(tmp_path):
     hide = "import sys, runpy; sys.modules['lm_eval'] = None; sys.argv[0] = 'gqlm.lm_eval'; " \
            "runpy.run_module('gqlm.lm_eval', run_name='__main__')"

@@ -116,6 +116,24 @@ def test_document_scores_add_up_to_the_runners_evaluation(trained, tmp_path):
     assert meta == {"split": "train"} and list(columns["name"]) == [docs.name(i) for i in range(len(docs))]
 
 
+def test_a_score_file_write_that_dies_leaves_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.parquet")
+    scores = {k: np.arange(3.0) for k in ("nats", "bytes", "tokens")}
+    score_files.write_scores(path, scores, ["a", "b", "c"], {"v": 1})
+    real = score_files.pq.write_table
+
+    def dies_midway(table, where):
+        real(table.slice(0, 1), where)  # a partial file on disk, then the process is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_files.pq, "write_table", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        score_files.write_scores(path, {k: v + 10 for k, v in scores.items()}, ["x", "y", "z"], {"v": 2})
+    columns, meta = score_files.read_scores(path)
+    assert meta == {"v": 1} and list(columns["name"]) == ["a", "b", "c"]
+    assert os.listdir(tmp_path) == ["s.parquet"]  # and no temporary file is left behind
+
+
 def test_scoring_under_another_tokenizer_is_a_one_line_error(trained, tmp_path):
     from gqlm import score
     from gqlm.train.checkpoint import load_config

@@ -21,7 +21,14 @@ def write_scores(path: str, scores: dict[str, np.ndarray], names: list[str], met
                       "bytes": scores["bytes"].astype(np.int64), "tokens": scores["tokens"].astype(np.int64)})
     table = table.replace_schema_metadata({"gqlm": json.dumps(meta)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path)
+    tmp = f"{path}.tmp-{os.getpid()}"  # renamed when complete: a killed write leaves no half file at `path`
+    try:
+        pq.write_table(table, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 def read_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:

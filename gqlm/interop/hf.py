@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from typing import Any, Iterator, NamedTuple
 
 import jax
@@ -160,19 +161,43 @@ def check_exportable(config: ConfigDict) -> ConfigDict:
     return config
 
 
+EXPORT_FILES = (hf_config.CONFIG_FILE, hf_config.GENERATION_CONFIG_FILE, MODEL_FILE, hf_tokenizer.TOKENIZER_FILE,
+                hf_tokenizer.TOKENIZER_CONFIG_FILE)
+
+
+def check_out_dir(out_dir: str, flag: str = "out_dir") -> None:
+    """ConfigError unless `out_dir` is new, empty, or holds only files an export writes: anything else
+    there (another model's shards or index, tokenizer files) would be loaded beside the export."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{flag}={out_dir!r} exists and is not a directory")
+    foreign = sorted(set(os.listdir(out_dir)) - set(EXPORT_FILES)) if os.path.isdir(out_dir) else []
+    if foreign:
+        raise ConfigError(f"{flag}={out_dir!r} already holds {foreign[0]!r} ({len(foreign)} files an export does "
+                          "not write); give a new or empty directory")
+
+
 def export_model(params: Any, m: ConfigDict, tokenizer: Tokenizer, out_dir: str) -> None:
-    """config.json + model.safetensors + tokenizer files that transformers loads without custom code."""
+    """config.json + model.safetensors + tokenizer files that transformers loads without custom code,
+    written beside `out_dir` and moved in only once all are complete (a failed export leaves none)."""
     hf_config.check_exportable(m)
     hf_tokenizer.check_exportable(tokenizer.kind)
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir)
     config = hf_config.to_hf_config(m, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     generation = hf_config.to_generation_config(m.vocab_size, tokenizer.vocab_size, tokenizer.bos_id,
                                                 tokenizer.eos_id, tokenizer.pad_id)
-    for name, content in ((hf_config.CONFIG_FILE, config), (hf_config.GENERATION_CONFIG_FILE, generation)):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(content, f, indent=2)
-    export_params(params, m, os.path.join(out_dir, MODEL_FILE))
-    hf_tokenizer.export_tokenizer(tokenizer, out_dir, m.max_seq_len)
+    staging = f"{os.path.abspath(out_dir)}.tmp{os.getpid()}"
+    os.makedirs(staging)
+    try:
+        for name, content in ((hf_config.CONFIG_FILE, config), (hf_config.GENERATION_CONFIG_FILE, generation)):
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(content, f, indent=2)
+        export_params(params, m, os.path.join(staging, MODEL_FILE))
+        hf_tokenizer.export_tokenizer(tokenizer, staging, m.max_seq_len)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in EXPORT_FILES:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- import

@@ -5,7 +5,8 @@ written, so an exporter can fetch one parameter from the devices, write it and d
 header is deterministic (tensors in the order given, compact JSON), so writing the same
 tensors twice gives the same bytes. The reader wraps `safetensors.safe_open`: nothing is read
 until a slice is asked for, so each device can read only its shard. A checkpoint is one
-`model.safetensors` or several shards listed by `model.safetensors.index.json`.
+`model.safetensors` or several shards listed by `model.safetensors.index.json` (read only when
+there is no `model.safetensors`, as transformers does).
 """
 
 from __future__ import annotations
@@ -79,16 +80,17 @@ class Checkpoint:
         self.shapes = {name: tuple(self._handle(name).get_slice(name).get_shape()) for name in self._files}
 
     def _file_of_tensor(self) -> dict[str, str]:
+        # model.safetensors first, as transformers reads it: with both present, the same weights
+        if os.path.isfile(os.path.join(self.directory, MODEL_FILE)):
+            return {name: MODEL_FILE for name in self._open(MODEL_FILE).keys()}
         index = os.path.join(self.directory, INDEX_FILE)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    return dict(json.load(f)["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"{self.where}: cannot read {index} ({type(e).__name__})")
-        if not os.path.isfile(os.path.join(self.directory, MODEL_FILE)):
+        if not os.path.isfile(index):
             raise ConfigError(f"{self.where}: {self.directory} has neither {MODEL_FILE} nor {INDEX_FILE}")
-        return {name: MODEL_FILE for name in self._open(MODEL_FILE).keys()}
+        try:
+            with open(index) as f:
+                return dict(json.load(f)["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.where}: cannot read {index} ({type(e).__name__})")
 
     def _open(self, file: str) -> Any:
         if file not in self._handles:

@@ -54,7 +54,7 @@ def next_token(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: 
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = logits_BV / temperature
-    if top_k > 0:
+    if 0 < top_k < logits_BV.shape[-1]:  # a k of the whole vocabulary (or more) truncates nothing
         kth_BV = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_BV, -jnp.inf, logits_BV)
     return jax.random.categorical(rng, logits_BV, axis=-1)
