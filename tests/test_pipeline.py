@@ -126,6 +126,16 @@ def test_the_builtin_corpus_is_prepared_once_per_tokenizer(config, tmp_path):
     assert pipeline.builtin_prepared(config.data, bpe) != path
 
 
+def test_a_killed_first_use_leaves_nothing_behind_once_prepared(config, tmp_path):
+    import shutil
+    path = pipeline.builtin_prepared(config.data, TOK)
+    shutil.rmtree(path)
+    stale = f"{path}.tmp-999999"  # what a process killed while preparing leaves
+    os.makedirs(os.path.join(stale, "train"))
+    assert pipeline.builtin_prepared(config.data, TOK) == path and os.path.exists(os.path.join(path, "meta.json"))
+    assert not os.path.exists(stale)
+
+
 def test_seq_len_longer_than_split(config):
     c = config.copy_and_resolve_references()
     c.data.seq_len = 10**6

@@ -202,6 +202,38 @@ def test_compressed_text_files_are_decompressed_and_other_compressions_refused(t
         list(sources.read_documents(str(tmp_path / "e.txt.gz"), 0))
 
 
+def test_json_files_are_json_lines_and_a_pretty_printed_one_says_how_to_read_it(tmp_path):
+    docs = random_docs(30)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    (tmp_path / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(lines.encode()))  # C4's naming
+    (tmp_path / "b.json").write_text(lines)
+    for name in ("c4-train.00000-of-01024.json.gz", "b.json"):
+        assert [d.text for d in sources.read_documents(str(tmp_path / name), 0)] == docs, name
+    (tmp_path / "pretty.json").write_text(json.dumps({"text": "one"}, indent=2))
+    with pytest.raises(sources.SourceError, match="pretty.json:1: malformed JSON.*--format=txt"):
+        list(sources.read_documents(str(tmp_path / "pretty.json"), 0))
+    assert [d.text for d in sources.read_documents(str(tmp_path / "pretty.json"), 0, fmt="txt")] == [
+        json.dumps({"text": "one"}, indent=2)]
+
+
+def test_an_input_changed_since_its_shards_were_written_is_redone(tmp_path):
+    first, second = random_docs(40), random_docs(5)
+    for name, docs in (("a.jsonl", first), ("b.jsonl", first[:3])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = Spec((str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")), "byte", validation_fraction=0.0,
+                shard_bytes=500)
+    before = prepare(spec, str(tmp_path / "out"))
+    assert len(before["splits"]["train"]["shards"]) > 3  # a.jsonl has several parts; the new one has fewer
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in second))
+    os.utime(tmp_path / "a.jsonl", (1, 1))  # a new mtime even within the same second
+    after = prepare(spec, str(tmp_path / "out"))
+    got = [bytes(ids.astype(np.uint8)).decode() for ids, _ in read_split(tmp_path / "out", "train")]
+    assert got == second + first[:3]
+    listed = {s["name"].split("/")[1] for s in after["splits"]["train"]["shards"]}
+    on_disk = {f for f in os.listdir(tmp_path / "out" / "train") if f.endswith(".array_record")}
+    assert on_disk == listed  # the old version's extra parts are gone
+
+
 def test_a_bad_input_stops_the_pool_without_preparing_every_other_input(tmp_path):
     # The pool's `with` waited for every queued input before the first error came out.
     (tmp_path / "00.jsonl").write_text("not json\n")

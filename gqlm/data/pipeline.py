@@ -12,7 +12,9 @@ with `jax.make_array_from_process_local_data`.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 from typing import Callable
 
 import grain
@@ -40,6 +42,8 @@ def builtin_prepared(data_config: ConfigDict, tokenizer: Tokenizer) -> str:
     if not os.path.exists(os.path.join(out, META)):
         with corpora.file_lock(os.path.join(root, f"{d.corpus}-{key}.lock")):
             if not os.path.exists(os.path.join(out, META)):  # another process may have just made it
+                for stale in glob.glob(f"{out}.tmp-*"):  # a killed first use's (we hold the lock)
+                    shutil.rmtree(stale, ignore_errors=True)
                 documents = ((text, s) for s in splits for text in corpora.load_documents(d, s))
                 prepare_documents(out, tokenizer, d.tokenizer, documents, corpus=d.corpus, glob=d.glob)
     return out

@@ -129,13 +129,35 @@ def write_shards(tok: Tokenizer, documents: Iterable[tuple[str, str]], out: str,
 def prepare_input(spec: Spec, out: str, index: int) -> dict[str, Any]:
     """Tokenizes and writes one input file's shards and its done marker; returns the marker."""
     path, bad = spec.inputs[index], sources.Counter()
+    stat = input_stat(path)  # before reading: a file changed meanwhile is redone by the next run
     documents = sources.read_documents(path, index, spec.text_key, spec.format, spec.on_bad_record, bad)
     split_of = lambda text: "validation" if is_validation(text, spec.validation_fraction) else "train"  # noqa: E731
     shards = write_shards(_tokenizer(spec.tokenizer), ((d.text, split_of(d.text)) for d in documents),
                           out, index, spec.shard_bytes)
-    marker = {"input": path, "skipped_records": bad.skipped, "shards": shards}
+    marker = {"input": path, "stat": stat, "skipped_records": bad.skipped, "shards": shards}
     _write_json(epath.Path(out) / DONE / f"{index:05d}.json", marker)
     return marker
+
+
+def input_stat(path: str) -> list[int]:
+    """[size, mtime] of an input file: a done marker holding others is out of date."""
+    stat = epath.Path(path).stat()
+    return [int(stat.length), int(stat.mtime)]
+
+
+def _is_done(root: epath.Path, spec: Spec, index: int) -> bool:
+    """Whether input `index` has a marker from its current content; an outdated one is removed,
+    with the input's shards (a shorter new version would leave old parts beside its own)."""
+    marker = root / DONE / f"{index:05d}.json"
+    if not marker.exists():
+        return False
+    if json.loads(marker.read_text()).get("stat") == input_stat(spec.inputs[index]):
+        return True
+    marker.unlink()
+    for split in SPLITS:
+        for shard in (root / split).glob(f"{index:05d}-*"):
+            shard.unlink()
+    return False
 
 
 def start(spec: Spec, out: str) -> list[int]:
@@ -156,7 +178,10 @@ def start(spec: Spec, out: str) -> list[int]:
                               "choose a new --out (or delete it)")
     else:
         _write_json(root / SPEC, wanted)
-    return [i for i in range(len(spec.inputs)) if not (root / DONE / f"{i:05d}.json").exists()]
+    pending = [i for i in range(len(spec.inputs)) if not _is_done(root, spec, i)]
+    if pending and (root / META).exists():
+        (root / META).unlink()  # it lists shards being redone: training waits for the new one
+    return pending
 
 
 def run_local(spec: Spec, out: str, pending: Sequence[int], workers: int) -> None:

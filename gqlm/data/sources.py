@@ -1,4 +1,5 @@
-"""Readers of raw corpora: documents streamed from text and jsonl (each optionally .gz/.zst) and parquet files.
+"""Readers of raw corpora: documents streamed from text and JSON lines (.jsonl/.json; each optionally .gz/.zst)
+and parquet files.
 
 Paths are local or remote (`gs://...`, through etils epath); a glob expands to its files in
 sorted order. Every reader streams: memory is one parquet row group or one line at a time,
@@ -45,8 +46,9 @@ class Document(NamedTuple):
 
 
 def format_of(path: str, forced: str = "") -> str:
-    """The file's format: `forced`, else by extension: `.jsonl`, `.parquet`, else text (one document
-    per file); `.gz` / `.zst` after either name is decompressed, other compressions are refused."""
+    """The file's format: `forced`, else by extension: `.jsonl` or `.json` (JSON lines, as C4, Dolma
+    and HF `Dataset.to_json` write them), `.parquet`, else text (one document per file); `.gz` /
+    `.zst` after any of these but parquet is decompressed, other compressions are refused."""
     if forced:
         if forced not in FORMATS:
             raise ConfigError(f"--format={forced!r} must be one of {', '.join(FORMATS)}")
@@ -54,12 +56,12 @@ def format_of(path: str, forced: str = "") -> str:
     name = path.lower()
     if name.endswith(_UNREAD):
         suffix = next(e for e in _UNREAD if name.endswith(e))
-        raise SourceError(f"{path}: {suffix} files are not read (formats: .jsonl and text, each optionally .gz or "
-                          ".zst, and .parquet); --format=txt reads its raw bytes as text")
+        raise SourceError(f"{path}: {suffix} files are not read (formats: .jsonl/.json lines and text, each "
+                          "optionally .gz or .zst, and .parquet); --format=txt reads its raw bytes as text")
     if name.endswith(".parquet"):
         return "parquet"
     compression = next((c for c in ("gz", "zst") if name.endswith("." + c)), "")
-    base = "jsonl" if name.removesuffix("." + compression).endswith(".jsonl") else "txt"
+    base = "jsonl" if name.removesuffix("." + compression).endswith((".jsonl", ".json")) else "txt"
     return f"{base}.{compression}" if compression else base
 
 
@@ -131,8 +133,9 @@ def _jsonl_documents(path: str, file_index: int, text_key: str, fmt: str, on_bad
                     continue
                 try:
                     record = json.loads(raw)
-                except ValueError as e:
-                    _bad(path, f":{line_no}", f"malformed JSON ({e})", on_bad_record, bad)
+                except ValueError as e:  # a pretty-printed .json file fails here: say how to read it whole
+                    hint = "; a .json file is read as JSON lines, --format=txt reads it as one text" * (line_no == 1)
+                    _bad(path, f":{line_no}", f"malformed JSON ({e}){hint}", on_bad_record, bad)
                     continue
                 text = record.get(text_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):
