@@ -124,3 +124,18 @@ def test_auto_attention_is_einsum_off_gpu_and_explicit_choices_pass_through():
     assert resolve_attention_impl("auto", jnp.float32) == "einsum"
     assert resolve_attention_impl("cudnn", jnp.float32) == "cudnn"
     assert resolve_attention_impl("xla", jnp.bfloat16) == "xla"
+
+
+@pytest.mark.parametrize("compute_dtype,message", [("float32", "model.compute_dtype='bfloat16'"),
+                                                   ("bfloat16", "needs a GPU; this is cpu")])
+def test_cudnn_attention_it_cannot_run_is_a_config_error_when_traced(compute_dtype, message):
+    """Once a RuntimeError ("cuDNN is not detected") from inside JAX. Building the model still
+    works off-GPU (a CPU host dry-runs a GPU config); calling it names the key."""
+    cfg = model_cfg("rope", attention_impl="cudnn")
+    cfg.compute_dtype = compute_dtype
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, 4, 16), jnp.float32)
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ConfigError, match="model.attention_impl='cudnn'") as info:
+        jax.jit(lambda x: attn(x, jnp.arange(4)[None], ids))(x)
+    assert message in str(info.value)

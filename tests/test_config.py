@@ -43,7 +43,32 @@ BAD_CONFIGS = [
     ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k=5"),
     ({"model.moe.num_experts": 4, "model.moe.capacity_factor": 0.0}, "model.moe.capacity_factor"),
     ({"model.moe.num_experts": 4, "model.moe.layers": (7,)}, "model.moe.layers contains 7"),
+    # Each of these once passed validation and failed later: a traceback from inside the model or
+    # JAX, or (keep_checkpoints=0) orbax deleting every checkpoint, eval_batches=0 a 0.0 "loss".
+    ({"model.embed_dim": 60, "model.num_heads": 4}, "model.position='rope' needs an even head dim"),
+    ({"model.head_dim": 7}, "model.head_dim=7 gives 7"),
+    ({"model.num_kv_heads": -1}, "model.num_kv_heads=-1"),
+    ({"model.head_dim": -8}, "model.head_dim=-8"),
+    ({"model.moe.num_experts": 4, "model.moe.mlp_dim": -4}, "model.moe.mlp_dim=-4"),
+    ({"model.moe.num_experts": 4, "model.moe.router_jitter": -0.5}, "model.moe.router_jitter=-0.5"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints=0"),
+    ({"train.keep_every": -1}, "train.keep_every=-1"),
+    ({"train.eval_batches": 0}, "train.eval_batches=0"),
+    ({"train.sample_tokens": -1}, "train.sample_tokens=-1"),
+    ({"model.moe.num_experts": 4, "model.num_layers": 2, "model.moe.every": 3}, "model.moe.every=3 makes none"),
+    ({"model.attention_impl": "cudnn"}, "model.attention_impl='cudnn' needs model.compute_dtype='bfloat16'"),
+    ({"optimizer.eps": 0.0}, "optimizer.eps=0.0"),
+    ({"optimizer.eps": -1.0}, "optimizer.eps=-1.0"),
+    ({"optimizer.learning_rate": float("inf")}, "optimizer.learning_rate=inf"),
+    ({"mesh.rules": (("batch", "foo"),)}, "unknown mesh axis 'foo'"),
+    ({"mesh.rules": (("embed", ("fsdp", "model")),)}, "unknown mesh axis 'model'"),
 ]
+
+
+def test_odd_head_dims_are_fine_without_rope():
+    config_lib.validate(make(**{"model.head_dim": 7, "model.position": "alibi"}), num_devices=8)
+    config_lib.validate(make(**{"model.embed_dim": 60, "model.num_heads": 4, "model.position": "none"}),
+                        num_devices=8)
 
 
 @pytest.mark.parametrize("overrides,message", BAD_CONFIGS)

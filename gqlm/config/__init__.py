@@ -39,6 +39,7 @@ def base_config() -> ConfigDict:
 def validate(config: ConfigDict, num_devices: int) -> None:
     """Checks everything that can be checked before a compile; raises ConfigError."""
     sizes = resolve_mesh_shape(config.mesh, num_devices)
+    mesh.check_rules(config.mesh.rules)
     model.validate(config.model, sizes["expert"])
     data.validate(config.data, config.model.max_seq_len)
     train.validate(config.train)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import ml_collections
 
-from gqlm.config.errors import ConfigError
+from gqlm.config.errors import ConfigError, check
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -35,6 +36,18 @@ def defaults() -> ml_collections.ConfigDict:
         expert=1,
         rules=DEFAULT_RULES,
     ))
+
+
+def check_rules(rules: Sequence[Any]) -> None:
+    """Each rule is (logical name, None | mesh axis | tuple of mesh axes), naming only MESH_AXES."""
+    for rule in rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        check(ok, f"mesh.rules entry {rule!r} must be (logical_name, mesh axes)")
+        target = rule[1]
+        axes = tuple(target) if isinstance(target, (tuple, list)) else (() if target is None else (target,))
+        for axis in axes:
+            check(axis in MESH_AXES, f"mesh.rules maps {rule[0]!r} to unknown mesh axis {axis!r} "
+                                     f"(known: {', '.join(MESH_AXES)})")
 
 
 def resolve_mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

@@ -68,17 +68,27 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(m: ml_collections.ConfigDict, expert_axis: int) -> None:
     check_positive(m, "model", ("embed_dim", "num_layers", "num_heads", "mlp_dim", "max_seq_len"))
+    check_positive(m, "model", ("num_kv_heads", "head_dim"), strict=False)  # 0: the default
     check(m.embed_dim % m.num_heads == 0 or m.head_dim > 0,
           f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+    head_dim = m.head_dim or m.embed_dim // m.num_heads
+    # RoPE rotates pairs (x[i], x[i + K/2]) of each head: an odd head dim fails deep in the model.
+    check(m.position != "rope" or head_dim % 2 == 0,
+          f"model.position='rope' needs an even head dim, but model.head_dim={m.head_dim} gives {head_dim} "
+          f"(model.embed_dim={m.embed_dim} / model.num_heads={m.num_heads} when 0)")
     kv = m.num_kv_heads or m.num_heads
     check(m.num_heads % kv == 0, f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
     check_choice("model.position", m.position, POSITIONS)
     check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     check_choice("model.remat", m.remat, REMAT_POLICIES)
+    check(m.attention_impl != "cudnn" or m.compute_dtype == "bfloat16",  # the fused kernel takes 16-bit inputs
+          f"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16', not {m.compute_dtype!r}")
     for key in ("param_dtype", "compute_dtype"):
         check_choice(f"model.{key}", m[key], DTYPES)
     if m.moe.num_experts:
         validate_moe(m.moe, m.num_layers, expert_axis)
+        check(bool(moe_layer_indices(m)), f"model.moe.every={m.moe.every} makes none of the model.num_layers="
+                                          f"{m.num_layers} layers MoE (model.moe.num_experts={m.moe.num_experts})")
     if m.scan_layers:
         moe_layers = set(moe_layer_indices(m))
         check(len({i in moe_layers for i in range(m.num_layers)}) == 1,
@@ -88,6 +98,7 @@ def validate(m: ml_collections.ConfigDict, expert_axis: int) -> None:
 
 def validate_moe(e: ml_collections.ConfigDict, num_layers: int, expert_axis: int) -> None:
     check(e.num_experts > 0, f"model.moe.num_experts={e.num_experts} must be >= 0")
+    check_positive(e, "model.moe", ("mlp_dim", "router_jitter"), strict=False)  # mlp_dim 0: model.mlp_dim
     check(1 <= e.top_k <= e.num_experts, f"model.moe.top_k={e.top_k} must lie in [1, model.moe.num_experts={e.num_experts}]")
     check(e.num_experts % expert_axis == 0,
           f"model.moe.num_experts={e.num_experts} is not divisible by mesh.expert={expert_axis}")

@@ -42,7 +42,10 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(o: ml_collections.ConfigDict) -> None:
     check_choice("optimizer.name", o.name, OPTIMIZERS)
     check_choice("optimizer.schedule", o.schedule, SCHEDULES)
-    check(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
+    check(0 < o.learning_rate < float("inf"), f"optimizer.learning_rate={o.learning_rate} must be positive and finite")
+    # Adam-like members divide by sqrt(v) + eps: with eps <= 0 a parameter whose gradient is 0 (an
+    # untied embedding row never seen) gets 0/0 = NaN from a finite gradient, which the step applies.
+    check(o.eps > 0, f"optimizer.eps={o.eps} must be positive")
     for key in ("b1", "b2"):
         check(0 <= o[key] < 1, f"optimizer.{key}={o[key]} must lie in [0, 1)")
     check(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")

@@ -35,7 +35,10 @@ def validate(t: ml_collections.ConfigDict) -> None:
     check(t.steps > 0, f"train.steps={t.steps} must be positive")
     check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     check_choice("train.nonfinite", t.nonfinite, NONFINITE)
-    check_positive(t, "train", ("log_every", "eval_every", "checkpoint_every"))
+    check_positive(t, "train", ("log_every", "eval_every", "checkpoint_every", "eval_batches"))
+    # orbax's max_to_keep=0 deletes every checkpoint, including the one just saved: nothing to resume.
+    check_positive(t, "train", ("keep_checkpoints",))
+    check_positive(t, "train", ("keep_every", "sample_tokens"), strict=False)  # 0: off
     profile_window(t)
 
 

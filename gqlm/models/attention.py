@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gqlm.config import ConfigDict
+from gqlm.config import ConfigDict, ConfigError
 from gqlm.models import positions as positions_lib
 from gqlm.models.layers import dtypes, normal_param, output_std
 
@@ -93,6 +93,15 @@ def resolve_attention_impl(impl: str, compute_dtype: jnp.dtype) -> str:
     return "cudnn" if on_gpu and jnp.dtype(compute_dtype) == jnp.bfloat16 else "einsum"
 
 
+def check_cudnn(dtype: jnp.dtype) -> None:
+    """The cuDNN kernel's needs, as a ConfigError (else a RuntimeError from deep inside JAX)."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16', not {jnp.dtype(dtype)}")
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        raise ConfigError(f"model.attention_impl='cudnn' needs a GPU; this is {jax.default_backend()} "
+                          "(use 'auto', 'einsum' or 'xla')")
+
+
 def fused_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, segment_ids_BT: jax.Array,
                     bias_BHTS: jax.Array | None, implementation: str) -> jax.Array:
     """The same attention through `jax.nn.dot_product_attention` (`implementation` cudnn or xla).
@@ -100,6 +109,8 @@ def fused_attention(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, seg
     Causality is the kernel's flag; the segment mask becomes an additive bias (cuDNN takes masks
     only that way), broadcast over heads unless a per-head bias (ALiBi) is added to it.
     """
+    if implementation == "cudnn":  # checked when traced, so a CPU host can still build (dry-run) a GPU config
+        check_cudnn(q_BTHK.dtype)
     same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
     bias = jnp.where(same_B1TS, 0.0, _MASKED_FUSED).astype(q_BTHK.dtype)
     if bias_BHTS is not None:
