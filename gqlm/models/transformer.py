@@ -5,7 +5,9 @@ S cache slots, K head dim.
 
 `Transformer(config.model, rngs=...)(inputs_BT, positions_BT, segment_ids_BT)` returns float32
 `logits_BTV` and `aux`, a dict of auxiliary losses/metrics: empty for a dense model; for MoE
-layers each key is summed over layers, and kept per layer as f"layer_{i}/{key}". Two keyword
+layers the losses (`lb_loss`, `z_loss`) are summed over layers and the diagnostics (`load`,
+`max_load`, `drop_fraction`, `router_entropy`) averaged, and each is kept per layer as
+f"layer_{i}/{key}". Two keyword
 arguments reach the MoE layers only: `jitter_key` (router jitter, training only; layer i gets
 `split(jitter_key, L)[i]`) and `rules` (the logical axis rules, `config.mesh.rules`).
 
@@ -180,11 +182,17 @@ class Transformer(nnx.Module):
         return x_BTD, {i: {k: v[i] for k, v in stacked.items()} for i in range(self.num_layers)}
 
 
+SUMMED_AUX = ("lb_loss", "z_loss")  # they join the objective once per layer; the rest are rates
+
+
 def _summarise_aux(by_layer: dict[int, Aux]) -> Aux:
-    """Sums each key over layers and keeps per-layer copies as 'layer_{i}/{key}'."""
+    """Sums the losses and averages the diagnostics over layers (a drop fraction of 1.75 or a
+    balanced max_load of 2 read wrong); keeps per-layer copies as 'layer_{i}/{key}'."""
     out: Aux = {}
     for i, aux in by_layer.items():
         for key, value in aux.items():
             out[key] = out[key] + value if key in out else value
             out[f"layer_{i}/{key}"] = value
+    for key in {k for aux in by_layer.values() for k in aux} - set(SUMMED_AUX):
+        out[key] = out[key] / sum(key in aux for aux in by_layer.values())  # over the MoE layers only
     return out
