@@ -116,6 +116,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert [resumed[s] for s in range(11, 21)] == [expected[s] for s in range(11, 21)]
 
 
+def test_resuming_with_a_changed_config_says_what_changed(tmp_path, capsys):
+    base = {"train.checkpoint_every": 2, "train.sample_tokens": 0}
+    workdir = str(tmp_path / "run")
+    train(smoke_config(**base, **{"train.steps": 2}), workdir, LMTask())
+    capsys.readouterr()
+    train(smoke_config(**base, **{"train.steps": 4}), workdir, LMTask())  # the same config, a longer schedule
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gqlm: warning:")]
+    assert warnings == ["gqlm: warning: resuming step 2 with a config that differs from the checkpoint's: "
+                        "train.steps: 2 -> 4"]
+    train(smoke_config(**base, **{"train.steps": 6}), workdir, LMTask())  # from step 4, saved with steps=4
+    assert "train.steps: 4 -> 6" in capsys.readouterr().out
+
+
 def test_checkpoint_restores_on_another_mesh(tmp_path):
     workdir = str(tmp_path / "run")
     config = smoke_config(**{"train.steps": 4, "train.checkpoint_every": 2, "train.sample_tokens": 0})

@@ -212,6 +212,10 @@ class Checkpointer:
                               f"(all {len(steps)} are corrupt, see the warnings above)")
         return None
 
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config saved with checkpoint `step`, as a plain dict."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
     def _quarantine(self, steps: list[int]) -> None:
         """Moves corrupt checkpoints aside, so they are neither 'latest' nor in the way of new saves."""
         if not steps:
@@ -233,6 +237,30 @@ class Checkpointer:
     def close(self) -> None:
         self._seal()
         self.manager.close()
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: saved -> current' for each leaf of two nested config dicts that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def warn_config_changes(checkpointer: "Checkpointer", step: int, config: ConfigDict) -> None:
+    """Resuming with another config is allowed (a longer schedule, a new batch size), but said."""
+    try:
+        saved = checkpointer.saved_config(step)
+    except Exception:  # an unreadable config item: the state restored, so nothing to say about it
+        return
+    changes = config_changes(saved, json.loads(json.dumps(config.to_dict())))  # tuples as saved: lists
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; ... ({len(changes)} in all)" if len(changes) > 6 else "")
+        _warn(f"resuming step {step} with a config that differs from the checkpoint's: {shown}")
 
 
 def check_compatible(manager: ocp.CheckpointManager, where: str, step: int, abstract: TrainState) -> None:

@@ -28,7 +28,7 @@ from gqlm import mesh as mesh_lib
 from gqlm.config import ConfigDict
 from gqlm.data.pipeline import to_global
 from gqlm.train import state as state_lib
-from gqlm.train.checkpoint import Checkpointer
+from gqlm.train.checkpoint import Checkpointer, warn_config_changes
 from gqlm.train.experiment import Experiment, build_experiment
 from gqlm.train.metrics import MetricWriter, Throughput, tensorboard_dir
 from gqlm.train.profiling import ProfileWindow
@@ -139,8 +139,10 @@ def restore_or_init(checkpointer: Checkpointer, task: Task, exp: Experiment, dat
     state = checkpointer.restore_latest(exp.abstract, data_iter)
     if state is None:
         return task.init_state(exp)
+    step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
-        print(f"resumed from step {int(jax.device_get(state.step))} in {checkpointer.directory}", flush=True)
+        print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
+    warn_config_changes(checkpointer, step, exp.config)
     return state
 
 
