@@ -78,6 +78,12 @@ def detect(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None = None) 
         raise ConfigError(f"{ENV_MODE}={env[ENV_MODE]!r} must be auto, off or unset")
     if mode == "off":
         return None
+    timeout = env.get(ENV_TIMEOUT, "").strip()
+    try:  # checked here: a bad value would otherwise be a raw ValueError in maybe_initialize
+        if timeout and not float(timeout) > 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{ENV_TIMEOUT}={env[ENV_TIMEOUT]!r} must be a positive number of seconds") from None
     if env.get(ENV_COORDINATOR):
         address = env[ENV_COORDINATOR]
         host, _, port = address.rpartition(":")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +33,26 @@ STOP_GRACE_S = 10.0  # after SIGTERM (the trainer saves and exits), before SIGKI
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
 
 
-def free_port() -> int:
+def free_port(port: int = 0) -> int:
+    """`port` if it can be bound on localhost (0: any free one); LaunchError naming it if taken."""
+    if not 0 <= port <= 65535:
+        raise LaunchError(f"--port={port} must lie in [0, 65535]")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:  # checked here: process 0 would otherwise die deep inside jax
+            raise LaunchError(f"--port={port} cannot be used for the coordinator: {e.strerror}") from None
         return s.getsockname()[1]
+
+
+class _Terminated(Exception):
+    """The launcher got SIGTERM/SIGHUP: stop the process groups it started (they are in their own
+    sessions, so the signal does not reach them), then exit 128 + signal."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+    raise _Terminated(signum)
 
 
 def process_environments(num_processes: int, devices_per_process: int, port: int,
@@ -74,6 +91,8 @@ def run(command: Sequence[str], envs: Sequence[dict[str, str]]) -> int:
     """Runs one process per environment to the end; returns 0 or the exit code of the first that failed."""
     lock = threading.Lock()
     procs, threads = [], []
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:
         for i, env in enumerate(envs):
             proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -98,8 +117,13 @@ def run(command: Sequence[str], envs: Sequence[dict[str, str]]) -> int:
     except KeyboardInterrupt:
         _stop(procs)
         return 130
+    except _Terminated as e:
+        _stop(procs)
+        return 128 + e.args[0]
     finally:
         _stop(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for t in threads:
             t.join(timeout=5)
 
@@ -117,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LaunchError("give the command to run after `--`")
         if args.num_processes < 1 or args.devices_per_process < 1:
             raise LaunchError("--num_processes and --devices_per_process must be >= 1")
-        envs = process_environments(args.num_processes, args.devices_per_process, args.port or free_port(),
+        if shutil.which(command[0]) is None:
+            raise LaunchError(f"command {command[0]!r} (after `--`) not found or not executable")
+        envs = process_environments(args.num_processes, args.devices_per_process, free_port(args.port),
                                     timeout_s=args.timeout)
     except LaunchError as e:
         fail(str(e))

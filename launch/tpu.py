@@ -79,6 +79,9 @@ def check_arguments(args: argparse.Namespace, command: list[str]) -> None:
         raise LaunchError("--preemptible applies to TPU VMs only; queued resources take --spot")
     if args.step in ("create", "launch", "run") and not args.accelerator_type:
         raise LaunchError(f"{args.step} needs --accelerator_type (e.g. v4-32)")
+    if args.worker < 0 or (args.accelerator_type and args.worker >= num_hosts(args.accelerator_type)):
+        raise LaunchError(f"--worker={args.worker} must lie in [0, workers per slice"
+                          + (f" = {num_hosts(args.accelerator_type)})" if args.accelerator_type else ")"))
     if args.step in ("run", "launch") and not command:
         raise LaunchError(f"{args.step} needs the training command after `--`")
     args.env_pairs = tpu_job.parse_env(args.env)

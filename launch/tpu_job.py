@@ -170,7 +170,11 @@ def follow(t: Tpu, sinks: Sequence[IO[str]], expected_workers: int | None = None
         if state.kind in ("none", "lost"):
             raise JobNotEnded(f"no job {t.name} is running and not every worker has an exit marker "
                               f"(killed, or the host restarted): {state.detail}")
-        failures = 0 if state.kind == "running" else failures + 1
+        # A follow ssh that keeps failing (e.g. a --worker the pod lacks) counts even while the job runs.
+        failures = 0 if state.kind == "running" and (lines or not code) else failures + 1
+        if failures >= REATTACH_TRIES and state.kind == "running":
+            raise JobNotEnded(f"cannot read worker {worker}'s log of {t.name} in {failures} tries "
+                              f"(ssh exit code {code}); the job is running")
         if state.kind == "unknown":
             dead = dead_nodes(t)
             if dead:
@@ -211,5 +215,6 @@ def stop(t: Tpu) -> int:
     for node in t.nodes:
         argv = ssh(t, node, stop_script(t))
         print(f"+ {show(argv)}", flush=True)
-        code = code or subprocess.call(argv)
+        result = subprocess.call(argv)  # every slice is stopped, even after one ssh failed
+        code = code or result
     return code

@@ -6,9 +6,12 @@ Expected command lines are written out here from the inputs, not produced by the
 import importlib.metadata
 import os
 import shlex
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -372,3 +375,41 @@ def test_gloo_advertises_the_address_on_the_route_to_the_coordinator():
     assert route_address("127.0.0.1:1234") == "127.0.0.1"
     assert route_address("localhost:1234") in ("127.0.0.1", "::1")
     assert route_address("no-such-host.invalid:1234") is None
+
+
+def test_local_launcher_killed_stops_its_processes(tmp_path):
+    """SIGTERM to the launcher (e.g. a scheduler ending it) must not orphan the processes it started:
+    they run in their own sessions, so only the launcher can stop them."""
+    pids = tmp_path / "pids"
+    script = f"import os, time\nopen({str(pids)!r} + os.environ['GQLM_PROCESS_ID'], 'w').write(str(os.getpid()))\n" \
+             "time.sleep(120)\n"
+    launcher = subprocess.Popen([sys.executable, "launch/local.py", "--num_processes", "2", "--",
+                                 sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    children = []
+    for _ in range(300):
+        children = [int(p.read_text()) for p in tmp_path.glob("pids*") if p.read_text()]
+        if len(children) == 2:
+            break
+        time.sleep(0.1)
+    assert len(children) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM  # as a shell reports a TERM-killed job
+    for pid in children:
+        for _ in range(50):
+            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"process {pid} outlived the launcher")
+
+
+def test_local_missing_command_and_taken_port_are_one_line_errors(capsys):
+    code, out, err = run_main(local.main, ["--num_processes", "2", "--", "no_such_command_gqlm"], capsys)
+    assert code == 2 and len(err) == 1 and "'no_such_command_gqlm'" in err[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_main(local.main, ["--num_processes", "2", "--port", str(port), "--", "true"], capsys)
+    assert code == 2 and len(err) == 1 and f"--port={port}" in err[0]

@@ -262,3 +262,38 @@ def test_preempted_tpu_is_kept_then_recreated_on_request(pod, capfd):
     assert code == 0 and "pre is PREEMPTED: deleting it before creating it again" in out
     assert verbs(calls())[-4:] == ["tpu-vm create", "tpu-vm describe", "tpu-vm delete", "tpu-vm create"]
     assert (root / "state" / "pre").read_text() == "READY"
+
+
+def test_stop_reaches_every_slice_when_one_ssh_fails(pod, capfd):
+    """`stop` on a multi-slice job whose first slice cannot be reached still stops the second."""
+    root, calls = pod
+    start_node(root, "ms-1")
+    (root / "state" / "ms-0").write_text("PREEMPTED")  # the fake's ssh to it fails (exit 255)
+    t = tpu.Tpu("ms", "z", "proj", "v4-16", num_slices=2, queued=True)
+    start = tpu_job.start_script(t, ["python", "-c", "import time; time.sleep(60)"], [])
+    assert "started" in subprocess.run(tpu.tpu_gcloud.ssh(t, "ms-1", start), capture_output=True, text=True).stdout
+    capfd.readouterr()
+    code, out, err = run(["stop", "--name", "ms", "--zone", "z", "--num_slices", "2"], capfd)
+    assert code == 255  # the first failure is reported ...
+    assert [v for v in verbs(calls()) if v.endswith("ssh worker=all")][-2:] == ["tpu-vm ssh worker=all"] * 2
+    assert out.count(": exited 143") == 2  # ... and both workers of ms-1 were stopped anyway
+    for i in range(2):
+        assert (root / "pods" / "ms-1" / f"w{i}" / "gqlm" / "logs" / "ms.exit").read_text().strip() == "143"
+
+
+def test_logs_of_a_worker_that_cannot_be_read_gives_up(pod, capfd, monkeypatch):
+    """A follow ssh that fails every time while the job runs must end, not loop forever."""
+    root, calls = pod
+    start_node(root, "lw")
+    t = tpu.Tpu("lw", "z", "proj", "v4-16")
+    tpu_job.start(t, ["python", "-c", "import time; time.sleep(60)"], [])
+    monkeypatch.setattr(tpu_job, "REATTACH_TRIES", 3)
+    try:
+        with pytest.raises(tpu_job.JobNotEnded, match="cannot read worker 5"):
+            tpu_job.follow(t, [], None, worker=5)  # the fake has workers 0 and 1: its ssh fails
+    finally:
+        tpu_job.stop(t)
+    capfd.readouterr()
+    code, out, err = run(["logs", "--name", "lw", "--zone", "z", "--accelerator_type", "v4-16", "--worker", "2"],
+                         capfd)
+    assert code == 2 and "--worker=2" in err and "= 2" in err  # v4-16: 2 workers

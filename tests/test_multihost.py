@@ -215,3 +215,18 @@ def test_checkpoint_of_one_process_restores_in_two(reference, tmp_path):
     train(tmp_path, 2)
     resumed = losses(tmp_path)
     assert_close(resumed, reference, [("train", s) for s in range(1, 7)] + [("validation", 6)])
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_bad_init_timeout_is_a_config_error_naming_it(value, capsys):
+    """GQLM_INIT_TIMEOUT is read as float(...) by maybe_initialize: bad values must be caught first,
+    and by the launchers before any process starts (launch/local.py --timeout)."""
+    env = {"GQLM_COORDINATOR_ADDRESS": "127.0.0.1:1", "GQLM_NUM_PROCESSES": "2", "GQLM_PROCESS_ID": "0",
+           "GQLM_INIT_TIMEOUT": value}
+    with pytest.raises(ConfigError, match=f"GQLM_INIT_TIMEOUT='{value}' must be a positive number"):
+        detect(env)
+    from launch import local
+    with pytest.raises(SystemExit) as e:
+        local.main(["--num_processes", "2", "--timeout", value if value.lstrip("-").isdigit() else "0", "--", "true"])
+    assert e.value.code == 2 and "GQLM_INIT_TIMEOUT" in capsys.readouterr().err
+    assert detect({**env, "GQLM_INIT_TIMEOUT": "2.5"}).num_processes == 2

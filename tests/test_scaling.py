@@ -115,3 +115,37 @@ def test_sweep_commands_and_fit_from_metrics_files(tmp_path):
     assert abs(result["compute_optimal"][0]["N"] / N_opt - 1) < 0.05
     assert os.path.getsize(tmp_path / "scaling.png") > 0
     assert len(cli("--root", str(tmp_path), "--print_commands").stdout.strip().splitlines()) == 1
+
+
+def test_fits_refuse_repeated_or_single_size_inputs():
+    """Five points of two distinct (N, D), or every run at one model size, cannot identify the law:
+    the fit must refuse them rather than return arbitrary exponents (as it did before)."""
+    N, D, L = grid()
+    idx = [0, 0, 0, 6, 6]
+    with pytest.raises(S.FitError, match="only 2 distinct inputs"):
+        S.fit_scaling_law(N[idx], D[idx], L[idx])
+    one_size = N == N[0]  # five token counts of a single model size
+    with pytest.raises(S.FitError, match="3 distinct N"):
+        S.fit_scaling_law(N[one_size], D[one_size], L[one_size])
+    with pytest.raises(S.FitError, match="only 3 distinct inputs"):
+        S.fit_loss_to_loss([2.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.5, 2.0])
+    # Duplicated runs on a sound design still recover the truth.
+    dup = np.r_[np.arange(25), np.arange(25)]
+    assert max(rel_err(S.fit_scaling_law(N[dup], D[dup], L[dup]), TRUE).values()) < 0.02
+
+
+def test_bootstrap_skips_resamples_with_too_few_distinct_points():
+    """With 5 distinct points, a resample is fit only when all 5 appear; others are skipped, so
+    every kept refit sees the exact power law and recovers it."""
+    N, D, L = grid()
+    pick = [0, 6, 12, 18, 24]  # the diagonal: 5 distinct N and D
+    ci = S.bootstrap(S.fit_scaling_law, (N[pick], D[pick], L[pick]), num=60)
+    fit = S.fit_scaling_law(N[pick], D[pick], L[pick])
+    for k in ("E", "alpha", "beta"):
+        assert ci[k] == pytest.approx((getattr(fit, k),) * 2, rel=1e-3)
+
+
+def test_cli_refuses_bad_budgets(tmp_path):
+    for bad in ("-1e15", "nan", "x"):
+        out = cli("--root", str(tmp_path), "--budgets", bad)
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--budgets" in out.stderr

@@ -143,3 +143,26 @@ def test_scoring_under_another_tokenizer_is_a_one_line_error(trained, tmp_path):
     with pytest.raises(ConfigError, match="not a gqlm.score file"):
         (tmp_path / "junk.parquet").write_text("no")
         score_files.read_scores(str(tmp_path / "junk.parquet"))
+
+
+def test_score_files_whose_rows_differ_or_hold_nan_are_refused():
+    """Same metadata and count but rows in another order would pair one document's prior loss with
+    another's target loss; NaN losses would be ranked silently."""
+    names = np.array(["a.txt", "b.txt", "c.txt"], dtype=object)
+    prior = {"doc": np.arange(3), "name": names, "nats": np.array([1.0, 2.0, 3.0])}
+    selection.check_same_rows(prior, {**prior})
+    with pytest.raises(ConfigError, match="row 0 is name 'a.txt' \\(prior\\) vs 'c.txt' \\(target\\)"):
+        selection.check_same_rows(prior, {**prior, "name": names[::-1]})
+    with pytest.raises(ConfigError, match="target score file holds non-finite"):
+        selection.check_same_rows(prior, {**prior, "nats": np.array([1.0, np.nan, 3.0])})
+
+
+def test_out_that_is_a_file_or_a_changed_corpus_writes_nothing(tmp_path):
+    out_file = tmp_path / "f"
+    out_file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        selection.write_text_files(["d0", "d1"], np.array([0]), str(out_file))
+    out = tmp_path / "sel"
+    with pytest.raises(ConfigError, match="holds 2 documents but the score files rank document 4"):
+        selection.write_text_files(["d0", "d1"], np.array([0, 1, 4]), str(out))
+    assert not out.exists()  # nothing half-written

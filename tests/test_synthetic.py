@@ -164,6 +164,22 @@ def test_exact_match_needs_every_answer_token_right():
     assert exact_match(correct, mask, seg) == (2, 3)
 
 
+def test_a_padded_vocabulary_id_never_counts_as_the_prediction():
+    """The model's vocabulary is the tokenizer's rounded up to 128; decoding never emits the padded
+    ids, so exact match takes the argmax over the tokenizer's ids only (reference: numpy argmax of
+    that slice)."""
+    import jax.numpy as jnp
+    from gqlm.eval.synthetic_eval import argmax_correct
+    V, real = 384, TOK.vocab_size  # the byte tokenizer's ids, padded to 384
+    rng = np.random.default_rng(0)
+    logits_BTV = rng.normal(size=(2, 5, V)).astype(np.float32)
+    logits_BTV[0, 1, 300] = logits_BTV[1, 3, real] = 50.0  # padded ids with the largest logit
+    targets_BT = logits_BTV[..., :real].argmax(-1)
+    got = np.asarray(argmax_correct(jnp.asarray(logits_BTV), jnp.asarray(targets_BT), real))
+    assert got.all()  # every position's best real token is its target
+    assert not np.asarray(argmax_correct(jnp.asarray(logits_BTV), jnp.asarray(targets_BT)))[0, 1]  # unmasked
+
+
 # ----------------------------------------------------------------------------- learning
 
 

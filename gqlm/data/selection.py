@@ -63,6 +63,11 @@ def write_text_files(docs: Sequence[str], indices: np.ndarray, out_dir: str) -> 
     non-empty directory so an earlier selection is never mixed in."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--out={out_dir!r} is not empty; choose a new directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out={out_dir!r} is a file; give a new directory")
+    if len(indices) and int(np.max(indices)) >= len(docs):  # checked first: never a half-written selection
+        raise ConfigError(f"the corpus now holds {len(docs)} documents but the score files rank document "
+                          f"{int(np.max(indices))}; it changed since scoring: score it again")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in indices:
@@ -80,6 +85,19 @@ def check_same_documents(prior_meta: dict, target_meta: dict, n_prior: int, n_ta
                               f"(prior) vs {target_meta.get(key)!r} (target)")
     if n_prior != n_target:
         raise ConfigError(f"the score files hold {n_prior} (prior) and {n_target} (target) documents")
+
+
+def check_same_rows(prior: dict, target: dict) -> None:
+    """Row i of both files must be the same document: scores are compared row by row."""
+    for key in ("doc", "name"):
+        differ = np.flatnonzero(np.asarray(prior[key]) != np.asarray(target[key]))
+        if len(differ):
+            i = int(differ[0])
+            raise ConfigError(f"the score files list their documents differently: row {i} is {key} "
+                              f"{prior[key][i]!r} (prior) vs {target[key][i]!r} (target)")
+    for name, columns in (("prior", prior), ("target", target)):
+        if not np.all(np.isfinite(np.asarray(columns["nats"], np.float64))):
+            raise ConfigError(f"the {name} score file holds non-finite losses (nats); score it again")
 
 
 def data_config_of(meta: dict) -> ConfigDict:
@@ -104,6 +122,7 @@ def main(argv: list[str]) -> None:
     prior, prior_meta = read_scores(FLAGS.prior)
     target, target_meta = read_scores(FLAGS.target)
     check_same_documents(prior_meta, target_meta, len(prior["doc"]), len(target["doc"]))
+    check_same_rows(prior, target)
     scores = color_filter_scores(prior["nats"], target["nats"], None if FLAGS.per_document else prior["bytes"])
     keep = select_top(scores, FLAGS.fraction)
     docs = corpora.load_documents(data_config_of(prior_meta), prior_meta["split"])

@@ -85,6 +85,11 @@ def _check_points(name: str, num_params: int, *arrays: np.ndarray) -> list[np.nd
     for a in arrays:
         if not np.all(np.isfinite(a)) or np.any(a <= 0):
             raise FitError(f"{name}: every value must be finite and positive, got {a.tolist()}")
+    # Repeated inputs (duplicate runs, a bootstrap resample) add no information about the curve's shape.
+    distinct = len(np.unique(np.stack(arrays[:-1], -1), axis=0))
+    if distinct < num_params:
+        raise FitError(f"{name} has {num_params} parameters but only {distinct} distinct inputs among the "
+                       f"{len(arrays[0])} points; it needs at least {num_params}")
     return arrays
 
 
@@ -131,6 +136,9 @@ _SCALING_GRID = np.array(list(itertools.product(
 def fit_scaling_law(N, D, L, delta: float = HUBER_DELTA, top: int = 8) -> ScalingFit:
     """Robust fit of L(N, D) = E + A/N^alpha + B/D^beta (module doc)."""
     N, D, L = _check_points("fit_scaling_law (E, A, alpha, B, beta)", 5, N, D, L)
+    for label, x in (("N (model sizes)", N), ("D (token counts)", D)):
+        if len(np.unique(x)) < 3:  # each power law (scale and exponent) needs three distinct values
+            raise FitError(f"fit_scaling_law needs at least 3 distinct {label}, got {np.unique(x).tolist()}")
     p = _robust_minimize(_scaling_objective(np.log(N), np.log(D), np.log(L), delta), _SCALING_GRID, top)
     return ScalingFit(E=float(np.exp(p[4])), A=float(np.exp(p[0])), alpha=float(p[1]), B=float(np.exp(p[2])),
                       beta=float(p[3]))
@@ -347,7 +355,11 @@ def main(argv: list[str]) -> None:
     try:
         budgets = [float(b) for b in FLAGS.budgets]
     except ValueError:
-        cli.fail(f"--budgets={','.join(FLAGS.budgets)} must be numbers")
+        budgets = [float("nan")]
+    if not all(np.isfinite(b) and b > 0 for b in budgets):
+        cli.fail(f"--budgets={','.join(FLAGS.budgets)} must be positive numbers (FLOPs)")
+    if FLAGS.bootstrap < 0:
+        cli.fail(f"--bootstrap={FLAGS.bootstrap} must be >= 0")
     done = finished(runs, FLAGS.root)
     arrays = ([r.N for r in done], [r.D for r in done], [r.loss for r in done])
     fit = fit_scaling_law(*arrays)

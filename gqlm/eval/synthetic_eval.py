@@ -42,10 +42,19 @@ def exact_match(correct_BT: np.ndarray, loss_mask_BT: np.ndarray, segment_ids_BT
     return len(examples) - len(wrong), len(examples)
 
 
-def make_correct_fn(graphdef: nnx.GraphDef):
+def argmax_correct(logits_BTV: jax.Array, targets_BT: jax.Array, vocab_limit: int = 0) -> jax.Array:
+    """argmax == target, the argmax taken over the tokenizer's ids only (`vocab_limit` > 0): the
+    embedding's padding past it is never decoded (models/decode.py masks it too), so a padded id
+    that happens to hold the largest logit must not turn a right answer into a wrong one."""
+    if 0 < vocab_limit < logits_BTV.shape[-1]:
+        logits_BTV = logits_BTV[..., :vocab_limit]
+    return jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+
+def make_correct_fn(graphdef: nnx.GraphDef, vocab_limit: int = 0):
     def correct(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         logits_BTV, _ = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return jnp.argmax(logits_BTV, axis=-1) == batch["targets"]
+        return argmax_correct(logits_BTV, batch["targets"], vocab_limit)
     return correct
 
 
@@ -79,7 +88,7 @@ def accuracy_by_length(exp, params: Any, lengths: Sequence[int], num_batches: in
     for n in lengths:  # every length checked before any is evaluated
         synthetic.check_length(spec, n)
     sharding = mesh_lib.batch_sharding(exp.mesh, cfg.mesh.rules)
-    correct_fn = jax.jit(make_correct_fn(exp.model.graphdef))
+    correct_fn = jax.jit(make_correct_fn(exp.model.graphdef, exp.tokenizer.vocab_size if exp.tokenizer else 0))
     lo, hi = process_slice(cfg.data.batch_size)
 
     def model_correct(batch: dict[str, np.ndarray]) -> np.ndarray:
