@@ -149,3 +149,5 @@ def test_cli_refuses_bad_budgets(tmp_path):
     for bad in ("-1e15", "nan", "x"):
         out = cli("--root", str(tmp_path), "--budgets", bad)
         assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--budgets" in out.stderr
+    out = cli("--root", str(tmp_path), "--metric", "perplexity")  # a typo once fitted "0 of N finished runs"
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--metric=perplexity" in out.stderr

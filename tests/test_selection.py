@@ -134,6 +134,15 @@ def test_a_score_file_write_that_dies_leaves_the_old_file(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["s.parquet"]  # and no temporary file is left behind
 
 
+def test_a_score_file_without_a_column_is_a_one_line_error(tmp_path):
+    path = str(tmp_path / "s.parquet")
+    score_files.write_scores(path, {k: np.arange(2.0) for k in ("nats", "bytes", "tokens")}, ["a", "b"], {"v": 1})
+    table = score_files.pq.read_table(path)
+    score_files.pq.write_table(table.drop(["nats"]), path)  # keeps the gqlm metadata
+    with pytest.raises(ConfigError, match="is not a gqlm.score file .*nats"):
+        score_files.read_scores(path)
+
+
 def test_scoring_under_another_tokenizer_is_a_one_line_error(trained, tmp_path):
     from gqlm import score
     from gqlm.train.checkpoint import load_config

@@ -38,8 +38,9 @@ def read_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:
     try:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"gqlm"])
-    except Exception as e:  # not parquet, or not written by gqlm.score
-        raise ConfigError(f"{path!r} is not a gqlm.score file ({type(e).__name__})")
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}, meta
+        columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}
+    except Exception as e:  # not parquet, not written by gqlm.score, or a column missing
+        raise ConfigError(f"{path!r} is not a gqlm.score file ({type(e).__name__}: {str(e)[:100]})")
+    return columns, meta
 
 

@@ -335,7 +335,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("run", False, "Train the unfinished runs one after another.")
     flags.DEFINE_list("budgets", [], "Compute budgets C (FLOPs, C = 6 N D) to report compute-optimal N, D for.")
     flags.DEFINE_integer("bootstrap", 100, "Bootstrap resamples for the confidence intervals (0 disables).")
-    flags.DEFINE_string("metric", "loss", "Validation metric to fit: loss or bpb.")
+    flags.DEFINE_enum("metric", "loss", ["loss", "bpb"], "Validation metric to fit.")
 
 
 def main(argv: list[str]) -> None:
