@@ -98,7 +98,7 @@ def detect(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None = None) 
         except ValueError:
             raise ConfigError(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be a comma list of integers") from None
         return Plan("gqlm", address, n, i, local) if n > 1 else None
-    if all(v in env for v in _SLURM_VARS) and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if all(v in env for v in _SLURM_VARS) and _int_var(env, "SLURM_NTASKS") > 1:
         return Plan("slurm")
     if mode == "auto":
         return Plan("tpu" if (on_tpu_vm if on_tpu_vm is not None else _on_tpu_vm()) else "auto")
