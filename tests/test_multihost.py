@@ -65,8 +65,8 @@ def test_detect(env, on_tpu, plan):
     ({k: v for k, v in GQLM.items() if k != "GQLM_PROCESS_ID"}, "GQLM_PROCESS_ID is not set"),
     ({**GQLM, "GQLM_LOCAL_DEVICE_IDS": "0;1"}, "GQLM_LOCAL_DEVICE_IDS"),
     ({"GQLM_DISTRIBUTED": "yes"}, "GQLM_DISTRIBUTED='yes'"),
-    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2(x2)", "SLURM_PROCID": "0",
-      "SLURM_LOCALID": "0"}, "SLURM_NTASKS='2(x2)' must be an integer"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "two", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, "SLURM_NTASKS='two' must be an integer"),
 ])
 def test_detect_bad_variables(env, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
