@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def check_config(command: Sequence[str], num_devices: int, where: str, data_mult
                               "(the data axis is the one that spans slices)")
     except ConfigError as e:
         raise LaunchError(f"{e} (on {where})") from None
+
+
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def shell_command(command: Sequence[str]) -> str:
+    """`command` as one shell line. Leading `VAR=value` words stay assignments (through `env`): quoted
+    by shlex.join, bash would run 'VAR=value' as a command name."""
+    command = list(command)
+    return shlex.join(["env", *command] if command and _ASSIGNMENT.match(command[0]) else command)
 
 
 def show(argv: Sequence[str]) -> str:

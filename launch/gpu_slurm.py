@@ -23,7 +23,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python launch/gpu_slurm.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch import common  # noqa: E402
-from launch.common import LaunchError, fail  # noqa: E402
+from launch.common import LaunchError, fail, shell_command  # noqa: E402
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_slurm.sbatch")
 # XLA GPU flags from JAX's GPU performance tips (as MaxText sets them): the latency-hiding
@@ -49,7 +49,7 @@ def render(template: str, *, job_name: str, nodes: int, gpus_per_node: int, cpus
     """The sbatch script: `extra` are additional `--key=value` sbatch options, one #SBATCH line each."""
     values = dict(JOB_NAME=job_name, NODES=nodes, GPUS_PER_NODE=gpus_per_node, CPUS_PER_TASK=cpus_per_task,
                   TIME=time_limit, OUTPUT=output, WORKTREE=shlex.quote(worktree), VENV=shlex.quote(venv),
-                  COMMAND=shlex.join(command), XLA_FLAGS=xla_flags)
+                  COMMAND=shell_command(command), XLA_FLAGS=xla_flags)
     # The options go in after filling, so a `$` in them (--comment=run_${USER}) stays for sbatch.
     head, _, tail = template.partition(EXTRA_LINE)
     lines = "".join(f"#SBATCH {option}\n" for option in extra)

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO, NamedTuple, Sequence
 
-from launch.common import LaunchError, show
+from launch.common import LaunchError, shell_command, show
 from launch.tpu_gcloud import Tpu, ssh
 from launch.tpu_resource import dead_nodes
 
@@ -67,7 +67,7 @@ def start_script(t: Tpu, command: Sequence[str], env: Sequence[tuple[str, str]])
     # The trap makes the wrapper outlive SIGTERM/SIGINT to its group long enough to write the marker.
     job = (f"echo $$ > {f}.pid.tmp && mv {f}.pid.tmp {f}.pid; trap true TERM INT HUP; "
            f". .venv/bin/activate; export GQLM_DISTRIBUTED=auto; {exports}"
-           f"{shlex.join(command)} > {f}.log 2>&1 < /dev/null; "
+           f"{shell_command(command)} > {f}.log 2>&1 < /dev/null; "
            f"echo $? > {f}.exit.tmp && mv {f}.exit.tmp {f}.exit")
     return (f"cd ~/{t.remote_dir} && mkdir -p logs || exit 1; h=$(hostname); "
             f'if [ ! -f {f}.exit ] && {_alive(f)}; then echo "gqlm-job $h: busy"; exit 3; fi; '

@@ -413,3 +413,12 @@ def test_local_missing_command_and_taken_port_are_one_line_errors(capsys):
         port = taken.getsockname()[1]
         code, out, err = run_main(local.main, ["--num_processes", "2", "--port", str(port), "--", "true"], capsys)
     assert code == 2 and len(err) == 1 and f"--port={port}" in err[0]
+
+
+def test_leading_assignments_stay_assignments_in_the_remote_shell_line(tmp_path):
+    """`-- XLA_FLAGS='--a --b' python ...`: shlex.join alone made bash run 'XLA_FLAGS=...' as a command."""
+    from launch.common import shell_command
+    line = shell_command(["XLA_FLAGS=--a --b", "N=1", sys.executable, "-c", "import os; print(os.environ['XLA_FLAGS'])"])
+    out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, check=True).stdout
+    assert out == "--a --b\n"
+    assert shell_command(["python", "A=b"]) == "python A=b"  # an argument that looks like one is left alone
