@@ -16,6 +16,7 @@ in `BUILDERS`: `fn(train_docs, flags) -> Tokenizer` that trains and saves to `--
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -92,6 +93,8 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(f"--kind={_KIND.value!r} must be one of {', '.join(sorted(BUILDERS))}")
     if not _OUT.value:
         raise ConfigError("--out is required")
+    if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):  # found before the (long) build, not after
+        raise ConfigError(f"--out={_OUT.value!r} is an existing file, not a directory")
     if _INPUT.value:
         if _SAMPLE.value <= 0:
             raise ConfigError(f"--sample_bytes={_SAMPLE.value} must be positive")

@@ -252,3 +252,33 @@ def test_bad_input_to_the_export_score_and_sample_commands(tmp_path, trained_wor
         lines = [line for line in result["stderr"].splitlines() if line.strip()]
         assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
         assert (tree_digest(run["workdir"]), tree_digest(run["out"])) == tuple(run["before"]), run
+
+
+def test_bad_input_to_the_gqvae_commands(tmp_path):
+    """GQ-VAE: odd training values, a --vocab_size no tokenizer can have and a --out that is a file
+    are refused before any work (they used to train to NaN, train for nothing or fail after the
+    build with a traceback), and neither the workdir nor the --out path changes."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    gq, smoke = "gqlm.train.tasks.gqvae.train", ["--config", "experiments/gqvae_shakespeare.py:smoke"]
+    table = [("gqlm.train", [*smoke, "--config.gqvae.learning_rate=inf"], "gqvae.learning_rate=inf", None),
+             ("gqlm.train", [*smoke, "--config.gqvae.gate_target_len=0.5"], "gqvae.gate_target_len=0.5", None),
+             (gq, [*smoke, "--vocab_size=5"], "--vocab_size=5", None),
+             ("gqlm.tokenize", ["--kind=gqvae", f"--checkpoint={tmp_path}/none", "--vocab_size=300",
+                                f"--out={a_file}"], f"--out={str(a_file)!r}", a_file)]
+    runs = []
+    for i, (module, args, culprit, out) in enumerate(table):
+        workdir = str(tmp_path / f"fresh_{i}")
+        argv = args if module == "gqlm.tokenize" else ["--workdir", workdir, *args]
+        out = str(out or workdir)
+        runs.append({"module": module, "argv": argv, "culprit": culprit, "out": out, "before": tree_digest(out)})
+    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
+    cases_file.write_text(json.dumps(runs))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    for run, result in zip(runs, json.loads(results_file.read_text()), strict=True):
+        lines = [line for line in result["stderr"].splitlines() if line.strip()]
+        assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
+        assert tree_digest(run["out"]) == run["before"], run

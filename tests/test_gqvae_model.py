@@ -1,6 +1,8 @@
 """GQ-VAE model pieces against direct NumPy loops: soft mask, hard boundaries, loss, re-seeding,
 straight-through gradients, the fixed-gate baseline."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,33 @@ def test_config_validation_names_the_key():
     with pytest.raises(ConfigError, match="gqvae.codebook_size=0"):
         validate_gqvae(tiny_cfg(codebook_size=0))
     validate_gqvae(base_config().gqvae)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", float("inf"), "gqvae.learning_rate=inf must be finite"),
+    ("commit_weight", float("inf"), "gqvae.commit_weight=inf must be finite"),
+    ("gate_target_weight", float("inf"), "gqvae.gate_target_weight=inf must be finite"),
+    ("gate_target_len", 0.5, "gqvae.gate_target_len=0.5 must be 0 .off. or at least 1"),
+    ("gate_target_len", float("inf"), "gqvae.gate_target_len=inf must be finite"),
+])
+def test_config_refuses_unreachable_or_infinite_values(key, value, message):
+    # inf rates/weights made every loss inf/NaN from step 1 (rc 0); mean(g) <= 1 cannot reach 1/0.5 = 2.
+    with pytest.raises(ConfigError, match=message):
+        validate_gqvae(tiny_cfg(**{key: value}))
+    validate_gqvae(tiny_cfg(gate_target_len=1.0))  # the bounds themselves are fine
+    validate_gqvae(tiny_cfg(gate_target_len=0.0))
+
+
+def test_saved_sections_are_not_coerced_into_another_model():
+    from gqlm.config.gqvae import from_dict
+    # bool("no") is True and int(32.7) is 32: a foreign value must be refused, not silently coerced.
+    for values, culprit in (({"train_tokenizer": "no"}, "gqvae.train_tokenizer='no'"),
+                            ({"codebook_size": 32.7}, "gqvae.codebook_size=32.7"),
+                            ({"embed_dim": [16]}, "gqvae.embed_dim=[16]"),
+                            ({"learning_rate": True}, "gqvae.learning_rate=True"),
+                            ([1, 2], "not a mapping"), ("x", "not a mapping")):
+        with pytest.raises(ConfigError, match=re.escape(culprit)) as info:
+            from_dict(values, "/some/dir")
+        assert "/some/dir" in str(info.value) and "\n" not in str(info.value)
+    q = from_dict({"codebook_size": 64.0, "gate_target_len": 3}, "/some/dir")  # lossless conversions
+    assert (q.codebook_size, type(q.codebook_size), q.gate_target_len, type(q.gate_target_len)) == (64, int, 3.0, float)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -304,3 +305,62 @@ def test_pretoken_store_gathers_truncates_and_refills():
     store.add({"p1000": [5, 6]})
     assert store.gather(store.lookup(["p1000", "p0"])) == [5, 6] + entries["p0"]
     assert store.as_dict() == {**dict(items[:1000]), "p1000": [5, 6]}
+
+
+def test_cut_or_foreign_files_are_one_line_errors(built, tmp_path):
+    import shutil
+    _, out, tok = built
+    manifest = json.load(open(os.path.join(out, "gqlm_tokenizer.json")))
+    params = dict(np.load(os.path.join(out, tokenizer_module.PARAMS_FILE)))
+    first = sorted(params)[0]
+
+    def broken(name, files):
+        bad = tmp_path / name
+        shutil.copytree(out, bad)
+        for file, data in files.items():
+            (bad / file).write_bytes(data)
+        return str(bad)
+
+    files = (tokenizer_module.PARAMS_FILE, tokenizer_module.TABLE_FILE)
+    cut = {f: open(os.path.join(out, f), "rb").read() for f in files}
+    int8 = tmp_path / "int8.npz"
+    np.savez(int8, **{**params, first: params[first].astype(np.int8)})
+    cases = [  # a file cut short raised zipfile.BadZipFile; a foreign section AttributeError
+        (broken("cut_params", {tokenizer_module.PARAMS_FILE: cut[tokenizer_module.PARAMS_FILE][:500]}), "corrupt"),
+        (broken("cut_table", {tokenizer_module.TABLE_FILE: cut[tokenizer_module.TABLE_FILE][:300]}),
+         "pretokens.npz is corrupt"),
+        (broken("list_section", {"gqlm_tokenizer.json": json.dumps({**manifest, "gqvae": [1]}).encode()}),
+         "not a mapping"),
+        (broken("int8_params", {tokenizer_module.PARAMS_FILE: int8.read_bytes()}), f"{first!r} of shape"),
+    ]
+    for path, message in cases:
+        with pytest.raises(TokenizerDirError, match=message) as info:
+            GQVAETokenizer.load(path)
+        assert path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_save_cut_short_never_loads_as_a_mix(built, tmp_path, monkeypatch):
+    _, _, tok = built
+    other = GQVAETokenizer(tok.cfg, jax.tree.map(lambda x: np.asarray(x) + 1.0, tok.params), tok.tokens[:2])
+    target = str(tmp_path / "tok")
+    other.save(target)
+    real_savez = np.savez
+
+    def savez_then_die(file, **arrays):
+        if "ids" in arrays:  # the table: the parameters are already written
+            raise KeyboardInterrupt
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tok.save(target)
+    monkeypatch.setattr(np, "savez", real_savez)
+    # Manifest-first saving left the new manifest over the old table (or parameters), which loaded.
+    with pytest.raises(TokenizerDirError, match="no readable gqlm_tokenizer.json"):
+        GQVAETokenizer.load(target)
+    tok.save(target)  # a complete save over the remains loads as `tok`
+    assert GQVAETokenizer.load(target).fingerprint() == tok.fingerprint()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        tok.save(str(tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "x"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -46,18 +47,35 @@ def validate(q: ml_collections.ConfigDict) -> None:
     check(q.gate in GATES, f"gqvae.gate={q.gate!r} is not one of {', '.join(GATES)}")
     check(q.fixed_gate_every <= q.max_token_len,
           f"gqvae.fixed_gate_every={q.fixed_gate_every} exceeds gqvae.max_token_len={q.max_token_len}")
+    for key, value in q.items():  # an infinite weight or rate makes every loss inf/NaN from step 1
+        check(not isinstance(value, float) or math.isfinite(value), f"gqvae.{key}={value} must be finite")
+    # The term pulls mean(g) <= 1 towards 1 / gate_target_len: below 1 byte the target is unreachable.
+    check(q.gate_target_len == 0 or q.gate_target_len >= 1,
+          f"gqvae.gate_target_len={q.gate_target_len} must be 0 (off) or at least 1 (bytes per token)")
 
 
 def from_dict(values: dict[str, Any], where: str) -> ml_collections.ConfigDict:
     """A validated `gqvae` section: the defaults overridden by `values` (a saved tokenizer's or
     checkpoint's); an unknown key or a bad value is a ConfigError naming `where`."""
     q = defaults()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where!r}: the gqvae config section is a {type(values).__name__}, not a mapping")
     for key, value in values.items():
         if key not in q:
             raise ConfigError(f"{where!r}: unknown gqvae config key {key!r}")
-        q[key] = type(q[key])(value)
+        q[key] = _typed(key, value, type(q[key]), where)
     try:
         validate(q)
     except ConfigError as e:
         raise ConfigError(f"{where!r}: {e}") from None
     return q
+
+
+def _typed(key: str, value: Any, kind: type, where: str) -> Any:
+    """`value` as the default's type, when that loses nothing: bool("no") is True and int(3.7) is
+    3, so a hand-edited or foreign value must not be coerced into another model silently."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, kind) if kind in (bool, str) else number and (kind is float or float(value).is_integer())
+    if not ok:
+        raise ConfigError(f"{where!r}: gqvae.{key}={value!r} is not a {kind.__name__}")
+    return kind(value)

@@ -32,6 +32,7 @@ import collections
 import functools
 import hashlib
 import os
+import zipfile
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -40,7 +41,7 @@ import numpy as np
 
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.config import gqvae as gqvae_config
-from gqlm.tokenizers.base import (TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
+from gqlm.tokenizers.base import (MANIFEST, TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
 from gqlm.tokenizers.gqvae.model import abstract_model
 from gqlm.tokenizers.gqvae.piece_runner import PieceRunner, rows_for
@@ -290,13 +291,20 @@ class GQVAETokenizer:
     # ------------------------------------------------------------------------- save / load
 
     def save(self, path: str) -> None:
+        """The data files first, each written whole then renamed, and the manifest last: a save cut
+        short leaves a directory that refuses to load, never a manifest over another save's files."""
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"gqvae tokenizer directory {path!r} is an existing file, not a directory")
+        os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            os.remove(os.path.join(path, MANIFEST))
+        flat = {jax.tree_util.keystr(path_, simple=True, separator="/"): np.asarray(v)
+                for path_, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+        _write_npz(os.path.join(path, PARAMS_FILE), flat)
+        _write_npz(os.path.join(path, TABLE_FILE), self._store.arrays(self._n_table))
         write_manifest(path, KIND, FORMAT_VERSION, vocab_size=self.vocab_size, bos_id=self.bos_id,
                        eos_id=self.eos_id, pad_id=self.pad_id, tokens=[t.hex() for t in self.tokens],
                        gqvae=self.cfg.to_dict())
-        flat = {jax.tree_util.keystr(path_, simple=True, separator="/"): np.asarray(v)
-                for path_, v in jax.tree_util.tree_flatten_with_path(self.params)[0]}
-        np.savez(os.path.join(path, PARAMS_FILE), **flat)
-        np.savez(os.path.join(path, TABLE_FILE), **self._store.arrays(self._n_table))
 
     @classmethod
     def load(cls, path: str, table: bool = True) -> "GQVAETokenizer":
@@ -308,14 +316,15 @@ class GQVAETokenizer:
             tokens = [bytes.fromhex(t) for t in manifest["tokens"]]
             with np.load(os.path.join(path, PARAMS_FILE)) as npz:
                 arrays = dict(npz)
-        except (KeyError, TypeError, ValueError, OSError) as e:
+        except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a cut file: BadZipFile
             raise TokenizerDirError(f"{where} is incomplete or corrupt ({type(e).__name__}: {e})") from None
         _, abstract = abstract_model(cfg)
 
         def restore(path_, leaf):
             key = jax.tree_util.keystr(path_, simple=True, separator="/")
-            if key not in arrays or arrays[key].shape != leaf.shape:
-                raise TokenizerDirError(f"{where}: {PARAMS_FILE} lacks parameter {key!r} of shape {leaf.shape}")
+            if key not in arrays or arrays[key].shape != leaf.shape or arrays[key].dtype != leaf.dtype:
+                raise TokenizerDirError(f"{where}: {PARAMS_FILE} lacks parameter {key!r} of shape {leaf.shape} "
+                                        f"and dtype {leaf.dtype}")
             return arrays[key]
 
         params = jax.tree_util.tree_map_with_path(restore, abstract)
@@ -329,9 +338,21 @@ class GQVAETokenizer:
                 with np.load(table_file) as npz:
                     tok._store.add_arrays(dict(npz), tok._id_bytes, FIRST_LEARNED)
                 tok._n_table = len(tok._store)
-            except (KeyError, ValueError, OSError) as e:
+            except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                 raise TokenizerDirError(f"{where}: {TABLE_FILE} is corrupt ({type(e).__name__}: {e})") from None
         return tok
+
+
+def _write_npz(file: str, arrays: dict[str, np.ndarray]) -> None:
+    tmp = f"{file}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, file)
+    except BaseException:  # interrupted too: leave no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:

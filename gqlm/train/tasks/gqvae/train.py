@@ -18,7 +18,7 @@ from absl import flags
 from gqlm import cli
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.data.corpora import load_documents
-from gqlm.tokenizers.gqvae.tokenizer import build_gqvae_tokenizer
+from gqlm.tokenizers.gqvae.tokenizer import FIRST_LEARNED, build_gqvae_tokenizer
 from gqlm.train.loop import train
 from gqlm.train.tasks.gqvae.checkpoint import load_checkpoint
 from gqlm.train.tasks.gqvae.task import GQVAETask
@@ -55,6 +55,9 @@ def main(argv: Sequence[str]) -> None:
     config = cli.config()
     if not config.gqvae.train_tokenizer:
         raise ConfigError("--config: gqvae.train_tokenizer is False (not a GQ-VAE experiment)")
+    if fl.vocab_size and fl.vocab_size < FIRST_LEARNED:  # refused before training, not after it
+        raise ConfigError(f"--vocab_size={fl.vocab_size} must be 0 (no tokenizer) or at least {FIRST_LEARNED} "
+                          "(256 bytes + 3 specials)")
     train(config, fl.workdir, GQVAETask())
     print(f"checkpoint: {fl.workdir}")
     if fl.vocab_size:
