@@ -183,3 +183,10 @@ def test_a_broken_or_foreign_bpe_file_names_the_directory(tmp_path, bpe):
         with pytest.raises(ConfigError, match=f"data.tokenizer: '{file}' is not a readable byte-level BPE") as info:
             load_tokenizer(f"bpe:{directory}")
         assert "\n" not in str(info.value)
+
+
+def test_a_manifest_that_is_not_a_json_object_is_a_one_line_error(tmp_path):
+    from gqlm.tokenizers.base import MANIFEST, TokenizerDirError, read_manifest
+    (tmp_path / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(TokenizerDirError, match="holds a JSON list, not an object"):
+        read_manifest(str(tmp_path), "bpe", 1)

@@ -142,6 +142,8 @@ def read_manifest(path: str, kind: str | None = None, format_version: int | None
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise TokenizerDirError(f"{where} has no readable {MANIFEST} ({type(e).__name__})")
+    if not isinstance(manifest, dict):
+        raise TokenizerDirError(f"{where}: {MANIFEST} holds a JSON {type(manifest).__name__}, not an object")
     if kind is not None and manifest.get("kind") != kind:
         raise TokenizerDirError(f"{where} holds a {manifest.get('kind')!r} tokenizer, not {kind!r}")
     if format_version is not None and manifest.get("format_version") != format_version:
