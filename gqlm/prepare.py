@@ -3,9 +3,9 @@
 Tokenizes a corpus once into sharded ArrayRecord files + meta.json (gqlm/data/prepare.py), which
 training reads with `--config.data.corpus=prepared --config.data.sources=OUT[=weight],...`.
 Formats by extension (`.parquet`; `.jsonl` or `.json`: JSON lines; else text, one document per
-file; `.gz` / `.zst` after the last two is decompressed) or `--format`. `--runner=local` uses a process pool of `--workers`; `--runner=beam`
-runs the same transform on Apache Beam (`--beam_options="--runner=DataflowRunner --project=..."`,
-see BUILD.md). Re-running the same command resumes. Exit codes: 0 done, 2 bad input.
+file; `.gz` / `.zst` after the last two is decompressed) or `--format`. `--runner=local` uses a
+process pool of `--workers`; `--runner=beam` runs the same transform on Apache Beam
+(`--beam_options="--runner=DataflowRunner --project=..."`, see BUILD.md). Re-running the same command resumes. Exit codes: 0 done, 2 bad input.
 """
 
 import json

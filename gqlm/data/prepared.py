@@ -59,7 +59,8 @@ class PreparedSplit:
         docs = np.array([s["documents"] for s in shards], np.int64)
         self.doc_base = np.concatenate([[0], np.cumsum(docs)])
         self.record_base = np.concatenate([[0], np.cumsum([s["records"] for s in shards], dtype=np.int64)])
-        self.shard_start = np.concatenate([[0], np.cumsum(np.array([s["tokens"] for s in shards], np.int64) + 2 * docs)])
+        tokens = np.array([s["tokens"] for s in shards], np.int64)
+        self.shard_start = np.concatenate([[0], np.cumsum(tokens + 2 * docs)])  # each document adds BOS and EOS
         self.length = int(self.shard_start[-1])
         self.bos, self.eos = meta["bos_id"], meta["eos_id"]
         self._source, self._index = None, {}
@@ -99,7 +100,8 @@ class PreparedSplit:
         while pos < end:
             shard = int(np.searchsorted(self.shard_start, pos, side="right")) - 1
             ends = self.index(shard)[:, 0]
-            local, local_end = pos - self.shard_start[shard], min(end, self.shard_start[shard + 1]) - self.shard_start[shard]
+            shard_start = self.shard_start[shard]
+            local, local_end = pos - shard_start, min(end, self.shard_start[shard + 1]) - shard_start
             first = int(np.searchsorted(ends, local, side="right"))
             last = int(np.searchsorted(ends, local_end - 1, side="right"))
             stream, ids = self._stream(shard, first, last)
@@ -107,7 +109,7 @@ class PreparedSplit:
             lo, hi = local - item_start, local_end - item_start
             tokens.append(stream[lo:hi])
             doc_ids.append(ids[lo:hi])
-            pos = self.shard_start[shard] + local_end
+            pos = shard_start + local_end
         if not tokens:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
         return np.concatenate(tokens), np.concatenate(doc_ids)
