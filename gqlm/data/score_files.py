@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gqlm.config import ConfigError
+from gqlm.files import atomic_path
 
 COLUMNS = ("doc", "name", "nats", "bytes", "tokens")
 
@@ -21,14 +22,8 @@ def write_scores(path: str, scores: dict[str, np.ndarray], names: list[str], met
                       "bytes": scores["bytes"].astype(np.int64), "tokens": scores["tokens"].astype(np.int64)})
     table = table.replace_schema_metadata({"gqlm": json.dumps(meta)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"  # renamed when complete: a killed write leaves no half file at `path`
-    try:
+    with atomic_path(path) as tmp:  # a killed write leaves no half file at `path`
         pq.write_table(table, tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 def read_scores(path: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -41,6 +41,7 @@ import numpy as np
 
 from gqlm.config import ConfigDict, ConfigError
 from gqlm.config import gqvae as gqvae_config
+from gqlm.files import atomic_path
 from gqlm.tokenizers.base import (MANIFEST, TokenizerDirError, bytes_to_text, fingerprint_of, has_surrogates,
                                   read_manifest, text_to_bytes, write_manifest)
 from gqlm.tokenizers.gqvae.model import abstract_model
@@ -344,15 +345,8 @@ class GQVAETokenizer:
 
 
 def _write_npz(file: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = f"{file}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, file)
-    except BaseException:  # interrupted too: leave no partial file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(file) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to tmp
+        np.savez(f, **arrays)
 
 
 def _pretoken_counts(texts: Iterable[str]) -> collections.Counter:
