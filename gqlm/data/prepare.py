@@ -216,7 +216,7 @@ def finish(spec: Spec, out: str) -> dict[str, Any]:
     """meta.json from the done markers."""
     markers = [json.loads((epath.Path(out) / DONE / f"{i:05d}.json").read_text()) for i in range(len(spec.inputs))]
     return write_meta(out, _tokenizer(spec.tokenizer), spec.tokenizer, [m["shards"] for m in markers],
-                      inputs=[{"path": p, "size": epath.Path(p).stat().length} for p in spec.inputs],
+                      inputs=[{"path": m["input"], "size": m["stat"][0]} for m in markers],  # stat'd once, when read
                       text_key=spec.text_key, validation_fraction=spec.validation_fraction,
                       skipped_records=sum(m["skipped_records"] for m in markers))
 
