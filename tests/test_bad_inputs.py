@@ -132,6 +132,22 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
+def run_cases(tmp_path, runs, timeout):
+    """Each run's `python -m MODULE ARGV` through the forking driver (below); their results, in order."""
+    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
+    cases_file.write_text(json.dumps(runs))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    return json.loads(results_file.read_text())
+
+
+def assert_one_line_naming(run, result):
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
+
+
 def test_bad_input_is_one_line_exit_2_and_leaves_workdir_untouched(tmp_path, trained_workdir):
     table = cases(tmp_path)
     assert len(table) >= 25
@@ -151,14 +167,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_workdir_untouched(tmp_path, tra
             argv = ["--workdir", workdir, *argv]
         runs.append({"module": module, "argv": argv, "culprit": culprit, "workdir": workdir,
                      "before": tree_digest(workdir)})
-    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
-    cases_file.write_text(json.dumps(runs))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert driver.returncode == 0, driver.stderr[-3000:]
     failures = []
-    for run, result in zip(runs, json.loads(results_file.read_text()), strict=True):
+    for run, result in zip(runs, run_cases(tmp_path, runs, timeout=900), strict=True):
         lines = [line for line in result["stderr"].splitlines() if line.strip()]
         problems = []
         if result["returncode"] != 2:
@@ -173,6 +183,53 @@ def test_bad_input_is_one_line_exit_2_and_leaves_workdir_untouched(tmp_path, tra
             failures.append(f"{run['module']} {' '.join(run['argv'][2:])}: {', '.join(problems)}\n"
                             f"    stderr: {result['stderr'][-600:]!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_bad_input_to_the_export_score_and_sample_commands(tmp_path, trained_workdir):
+    """As above, for flags of gqlm.export / gqlm.score / gqlm.sample: refused before the checkpoint is
+    read, and neither the workdir nor the --out path changes."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model-00001-of-00002.safetensors").write_text("another model")
+    out_dir = tmp_path / "out_dir"
+    out_dir.mkdir()
+    table = [("gqlm.export", ["--out", str(foreign)], "'model-00001-of-00002.safetensors'", foreign),
+             ("gqlm.score", ["--out", str(out_dir)], "is a directory", out_dir),
+             ("gqlm.score", ["--out", str(tmp_path / "s.parquet"), "--batches=0"], "--batches=0",
+              tmp_path / "s.parquet"),
+             ("gqlm.sample", ["--temperature=nan"], "--temperature=nan", tmp_path / "unused")]
+    runs = []
+    for i, (module, args, culprit, out) in enumerate(table):
+        workdir = str(tmp_path / f"trained_{i}")
+        shutil.copytree(trained_workdir, workdir)
+        runs.append({"module": module, "argv": ["--workdir", workdir, *args], "culprit": culprit, "out": str(out),
+                     "before": (tree_digest(workdir), tree_digest(str(out))), "workdir": workdir})
+    for run, result in zip(runs, run_cases(tmp_path, runs, timeout=300), strict=True):
+        assert_one_line_naming(run, result)
+        assert (tree_digest(run["workdir"]), tree_digest(run["out"])) == tuple(run["before"]), run
+
+
+def test_bad_input_to_the_gqvae_commands(tmp_path):
+    """GQ-VAE: odd training values, a --vocab_size no tokenizer can have and a --out that is a file
+    are refused before any work (they used to train to NaN, train for nothing or fail after the
+    build with a traceback), and neither the workdir nor the --out path changes."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    gq, smoke = "gqlm.train.tasks.gqvae.train", ["--config", "experiments/gqvae_shakespeare.py:smoke"]
+    table = [("gqlm.train", [*smoke, "--config.gqvae.learning_rate=inf"], "gqvae.learning_rate=inf", None),
+             ("gqlm.train", [*smoke, "--config.gqvae.gate_target_len=0.5"], "gqvae.gate_target_len=0.5", None),
+             (gq, [*smoke, "--vocab_size=5"], "--vocab_size=5", None),
+             ("gqlm.tokenize", ["--kind=gqvae", f"--checkpoint={tmp_path}/none", "--vocab_size=300",
+                                f"--out={a_file}"], f"--out={str(a_file)!r}", a_file)]
+    runs = []
+    for i, (module, args, culprit, out) in enumerate(table):
+        workdir = str(tmp_path / f"fresh_{i}")
+        argv = args if module == "gqlm.tokenize" else ["--workdir", workdir, *args]
+        out = str(out or workdir)
+        runs.append({"module": module, "argv": argv, "culprit": culprit, "out": out, "before": tree_digest(out)})
+    for run, result in zip(runs, run_cases(tmp_path, runs, timeout=300), strict=True):
+        assert_one_line_naming(run, result)
+        assert tree_digest(run["out"]) == run["before"], run
 
 
 # ----------------------------------------------------------------------------- the forking driver
@@ -222,63 +279,3 @@ def _drive(cases_path: str, results_path: str) -> None:
 if __name__ == "__main__":
     _drive(sys.argv[1], sys.argv[2])
 
-
-def test_bad_input_to_the_export_score_and_sample_commands(tmp_path, trained_workdir):
-    """As above, for flags of gqlm.export / gqlm.score / gqlm.sample: refused before the checkpoint is
-    read, and neither the workdir nor the --out path changes."""
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "model-00001-of-00002.safetensors").write_text("another model")
-    out_dir = tmp_path / "out_dir"
-    out_dir.mkdir()
-    table = [("gqlm.export", ["--out", str(foreign)], "'model-00001-of-00002.safetensors'", foreign),
-             ("gqlm.score", ["--out", str(out_dir)], "is a directory", out_dir),
-             ("gqlm.score", ["--out", str(tmp_path / "s.parquet"), "--batches=0"], "--batches=0",
-              tmp_path / "s.parquet"),
-             ("gqlm.sample", ["--temperature=nan"], "--temperature=nan", tmp_path / "unused")]
-    runs = []
-    for i, (module, args, culprit, out) in enumerate(table):
-        workdir = str(tmp_path / f"trained_{i}")
-        shutil.copytree(trained_workdir, workdir)
-        runs.append({"module": module, "argv": ["--workdir", workdir, *args], "culprit": culprit, "out": str(out),
-                     "before": (tree_digest(workdir), tree_digest(str(out))), "workdir": workdir})
-    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
-    cases_file.write_text(json.dumps(runs))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    for run, result in zip(runs, json.loads(results_file.read_text()), strict=True):
-        lines = [line for line in result["stderr"].splitlines() if line.strip()]
-        assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
-        assert (tree_digest(run["workdir"]), tree_digest(run["out"])) == tuple(run["before"]), run
-
-
-def test_bad_input_to_the_gqvae_commands(tmp_path):
-    """GQ-VAE: odd training values, a --vocab_size no tokenizer can have and a --out that is a file
-    are refused before any work (they used to train to NaN, train for nothing or fail after the
-    build with a traceback), and neither the workdir nor the --out path changes."""
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a directory")
-    gq, smoke = "gqlm.train.tasks.gqvae.train", ["--config", "experiments/gqvae_shakespeare.py:smoke"]
-    table = [("gqlm.train", [*smoke, "--config.gqvae.learning_rate=inf"], "gqvae.learning_rate=inf", None),
-             ("gqlm.train", [*smoke, "--config.gqvae.gate_target_len=0.5"], "gqvae.gate_target_len=0.5", None),
-             (gq, [*smoke, "--vocab_size=5"], "--vocab_size=5", None),
-             ("gqlm.tokenize", ["--kind=gqvae", f"--checkpoint={tmp_path}/none", "--vocab_size=300",
-                                f"--out={a_file}"], f"--out={str(a_file)!r}", a_file)]
-    runs = []
-    for i, (module, args, culprit, out) in enumerate(table):
-        workdir = str(tmp_path / f"fresh_{i}")
-        argv = args if module == "gqlm.tokenize" else ["--workdir", workdir, *args]
-        out = str(out or workdir)
-        runs.append({"module": module, "argv": argv, "culprit": culprit, "out": out, "before": tree_digest(out)})
-    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
-    cases_file.write_text(json.dumps(runs))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    driver = subprocess.run([sys.executable, os.path.abspath(__file__), str(cases_file), str(results_file)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    for run, result in zip(runs, json.loads(results_file.read_text()), strict=True):
-        lines = [line for line in result["stderr"].splitlines() if line.strip()]
-        assert result["returncode"] == 2 and len(lines) == 1 and run["culprit"] in lines[0], (run, result)
-        assert tree_digest(run["out"]) == run["before"], run
